@@ -1,0 +1,186 @@
+"""The Gram/coefficient form of every retraction (DESIGN.md, "The fast path").
+
+For ``X`` (``(..., n, r)``, column form) and a direction ``D`` of the same shape, every
+retraction of ``Z = X + xi``, ``xi = -lr P_X(D)``, lands in ``span(X, D)``:
+
+    Y = X C + D E,   C, E of shape (..., r, r),
+
+and ``C, E`` depend only on ``lr`` and the three Gram matrices
+
+    K = X^T X,  G = X^T D,  H = D^T D.
+
+So a step is: :func:`gram_pass` (one streaming pass), :func:`retraction_coefficients`
+(``r x r`` math, batched over all factors, no host sync), :func:`apply_coefficients` (one more
+streaming pass). Each coefficient form reproduces its full-matrix definition in
+:mod:`stiefel_kernels.geometry` to rounding; ``tests/test_gram.py`` checks that in float64.
+
+Derivations (``sym(M) = (M + M^T)/2``):
+
+* ``xi = -lr (D - X sym(G))``  so ``Z = X C0 + D E0`` with ``C0 = I + lr sym(G)``, ``E0 = -lr I``.
+* ``Z^T Z = C0^T K C0 + C0^T G E0 + E0^T G^T C0 + E0^T H E0``  (:func:`coefficient_gram`).
+* polar: ``(C, E) = (C0, E0) (Z^T Z)^(-1/2)``;  QR: ``(C, E) = (C0, E0) R^(-1)``, ``R^T R = Z^T Z``.
+* Newton–Schulz: ``Y_k = Z P_k``, ``P_(k+1) = P_k (3I - P_k^T (Z^T Z) P_k) / 2``, ``P_0 = s I``.
+* Cayley: with ``Q = [X, D]`` (``n x 2r``) and ``Pxi = X a + D b``,
+  ``a = lr sym(G) - lr (K sym(G) - G) / 2``, ``b = -lr I``, the skew ``W = Pxi X^T - X Pxi^T``
+  equals ``Q M Q^T`` with ``M = [[a - a^T, -b^T], [b, 0]]``, hence ``W Q c = Q (M N c)`` with
+  ``N = Q^T Q = [[K, G], [G^T, H]]``. Writing ``Y = Q c`` (``c`` is ``2r x r``), exact Cayley is
+  the ``2r x 2r`` solve ``(I - MN/2) c = (I + MN/2) e1`` and the fixed-point iteration is
+  ``c <- e1 + MN (e1 + c) / 2`` from ``c_0 = [C0; E0]``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import smallmat
+from .geometry import newton_schulz_scale, sym
+
+__all__ = [
+    "RETRACTIONS",
+    "canonical_retraction",
+    "gram_pass",
+    "coefficient_gram",
+    "retraction_coefficients",
+    "drift_correction",
+    "apply_coefficients",
+]
+
+#: canonical retraction names -> what they are
+RETRACTIONS = {
+    "cayley_fp": "Cayley transform by fixed-point iteration (default)",
+    "cayley": "exact Cayley transform (Sherman-Morrison-Woodbury, a 2r x 2r solve)",
+    "qr": "Q factor of X + xi (Cholesky of the r x r Gram matrix)",
+    "polar": "polar factor of X + xi (inverse square root of the r x r Gram matrix)",
+    "newton_schulz": "polar factor of X + xi by Newton-Schulz iterations",
+}
+_ALIASES = {"cayley_smw": "cayley", "cayley_direct": "cayley", "cayley_exact": "cayley",
+            "ns": "newton_schulz", "cayley_fixed_point": "cayley_fp"}
+
+
+def canonical_retraction(name: str) -> str:
+    """Map a retraction name (the paper's aliases included) to its canonical name.
+
+    Raises:
+        ValueError: for an unknown name; the message lists the valid ones.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"retraction must be a string, got {type(name).__name__}")
+    key = name.lower()
+    key = _ALIASES.get(key, key)
+    if key not in RETRACTIONS:
+        valid = sorted(set(RETRACTIONS) | set(_ALIASES))
+        raise ValueError(f"unknown retraction {name!r}; choose one of {valid}")
+    return key
+
+
+def gram_pass(x: Tensor, d: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``K = X^T X``, ``G = X^T D``, ``H = D^T D`` for ``x``, ``d`` of shape ``(..., n, r)``.
+
+    Accumulates in ``dtype`` (default: float32 for half types, else the input dtype).
+    Returns three ``(..., r, r)`` tensors.
+    """
+    if dtype is None:
+        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    x = x.to(dtype)
+    d = d.to(dtype)
+    return x.mT @ x, x.mT @ d, d.mT @ d
+
+
+def coefficient_gram(k: Tensor, g: Tensor, h: Tensor, c: Tensor, e: Tensor) -> Tensor:
+    """``Y^T Y`` for ``Y = X C + D E`` from the Gram matrices; all ``(..., r, r)``."""
+    ctg_e = c.mT @ g @ e
+    return c.mT @ k @ c + ctg_e + ctg_e.mT + e.mT @ h @ e
+
+
+def _lr_tensor(lr: float | Tensor, like: Tensor) -> Tensor:
+    lr = torch.as_tensor(lr, dtype=like.dtype, device=like.device)
+    while lr.dim() < like.dim():
+        lr = lr.unsqueeze(-1)
+    return lr
+
+
+def _eye(like: Tensor, k: int) -> Tensor:
+    return torch.eye(k, dtype=like.dtype, device=like.device).expand(*like.shape[:-2], k, k)
+
+
+def retraction_coefficients(
+    k: Tensor,
+    g: Tensor,
+    h: Tensor,
+    lr: float | Tensor,
+    retraction: str,
+    *,
+    cayley_iters: int = 2,
+    ns_steps: int = 6,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Coefficients ``(C, E)`` of ``Y = X C + D E = R_X(-lr P_X(D))`` for a batch of factors.
+
+    Args:
+        k, g, h: ``(..., r, r)`` Gram matrices from :func:`gram_pass`.
+        lr: learning rate, a float or a tensor broadcastable to ``(..., 1, 1)``.
+        retraction: a name accepted by :func:`canonical_retraction`.
+        cayley_iters: fixed-point iterations of ``cayley_fp``.
+        ns_steps: iterations of ``newton_schulz``.
+    Returns:
+        ``(C, E, info)``: ``C``, ``E`` of shape ``(..., r, r)``; ``info`` int32 ``(...)``, nonzero
+        where an ``r x r`` factorization failed (QR, polar, exact Cayley).
+    """
+    retraction = canonical_retraction(retraction)
+    r = k.shape[-1]
+    lr = _lr_tensor(lr, k)
+    eye = _eye(k, r)
+    sg = sym(g)
+    c0 = eye + lr * sg
+    e0 = -lr * eye
+    info = torch.zeros(k.shape[:-2], dtype=torch.int32, device=k.device)
+
+    if retraction in ("polar", "qr", "newton_schulz"):
+        m = coefficient_gram(k, g, h, c0, e0)
+        if retraction == "polar":
+            s, info = smallmat.inv_sqrt_spd(sym(m))
+        elif retraction == "qr":
+            s, info = smallmat.cholesky_upper_inverse(sym(m))
+        else:
+            s = newton_schulz_scale(m) * eye
+            for _ in range(ns_steps):
+                s = 0.5 * s @ (3.0 * eye - s.mT @ m @ s)
+        return c0 @ s, e0 @ s, info
+
+    # Cayley: coefficients c (2r x r) of Y = [X, D] c.
+    a = lr * sg - 0.5 * lr * (k @ sg - g)
+    b = -lr * eye
+    zeros = torch.zeros_like(k)
+    mw = torch.cat([torch.cat([a - a.mT, -b.mT], dim=-1), torch.cat([b, zeros], dim=-1)], dim=-2)
+    n = torch.cat([torch.cat([k, g], dim=-1), torch.cat([g.mT, h], dim=-1)], dim=-2)
+    amat = mw @ n
+    e1 = torch.cat([eye, zeros], dim=-2)
+    if retraction == "cayley":
+        eye2 = _eye(k, 2 * r)
+        c, info = smallmat.solve(eye2 - 0.5 * amat, e1 + 0.5 * amat @ e1)
+    else:
+        c = torch.cat([c0, e0], dim=-2)
+        for _ in range(cayley_iters):
+            c = e1 + 0.5 * amat @ (e1 + c)
+    return c[..., :r, :], c[..., r:, :], info
+
+
+def drift_correction(k: Tensor, tol: float, iters: int = 3) -> Tensor:
+    """Right factor ``S`` (``(..., r, r)``) that folds a polar correction into ``(C, E)``.
+
+    Cayley retractions preserve ``Y^T Y = X^T X = K``; where ``||K - I||_F > tol`` we return
+    ``S = K^(-1/2)`` (coupled Newton–Schulz, matrix products only, so no host sync; ``K`` is within
+    a tolerance of ``I`` so it converges in a few steps), elsewhere ``S = I``.
+    """
+    r = k.shape[-1]
+    eye = _eye(k, r)
+    err = torch.linalg.matrix_norm(k - eye)
+    y, z = k, eye
+    for _ in range(iters):
+        t = 0.5 * (3.0 * eye - z @ y)
+        y, z = y @ t, t @ z
+    return torch.where((err > tol)[..., None, None], z, eye)
+
+
+def apply_coefficients(x: Tensor, d: Tensor, c: Tensor, e: Tensor) -> Tensor:
+    """``Y = X C + D E`` for ``x``, ``d`` ``(..., n, r)`` and ``c``, ``e`` ``(..., r, r)``."""
+    return x @ c + d @ e
