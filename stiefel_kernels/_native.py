@@ -5,6 +5,7 @@ take over); importing warns once so a user knows the native CPU small step is mi
 """
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import torch
@@ -19,12 +20,14 @@ try:
 except Exception as exc:  # ImportError, or an ABI mismatch with the running torch
     available = False
     load_error = exc
+    built = importlib.util.find_spec(f"{__package__}._C") is not None
+    reason = f"failed to load ({type(exc).__name__}: {exc})" if built else "is not built"
     warnings.warn(
-        "stiefel_kernels: the native extension stiefel_kernels._C is not built "
-        f"({type(exc).__name__}: {exc}); using the torch.linalg fallback for the r x r step. "
+        f"stiefel_kernels: the native extension stiefel_kernels._C {reason}; "
+        "using the torch.linalg fallback for the r x r step. "
         "Reinstall with `pip install --no-build-isolation .` to build it.",
         RuntimeWarning,
-        stacklevel=2,
+        stacklevel=3,
     )
 
 

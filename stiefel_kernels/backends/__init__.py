@@ -1,0 +1,143 @@
+"""Backends of the Stiefel-AdamW step: one contract, several implementations.
+
+A backend is a module-level object with
+
+* ``name``: the string users pass as ``backend=`` (or ``STIEFEL_KERNELS_BACKEND``);
+* ``unsupported_reason(param) -> str | None``: why it cannot step this parameter (device,
+  dtype, ...) or ``None`` when it can;
+* ``step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp) -> Tensor | None``:
+  one Stiefel-AdamW step over a list of Stiefel factors of one parameter group, in place
+  (parameters, moments, step counters), returning an optional int32 device tensor counting
+  failed ``r x r`` factorizations (never read on the host inside the step).
+
+Every backend must give :mod:`.reference`'s result within the tolerance policy of
+``tests/README.md``. Adding one is local: write the module, call :func:`register_backend`,
+and say in :func:`auto_backend` when it is the default.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = ["StiefelHyperparams", "Backend", "register_backend", "get_backend",
+           "available_backends", "auto_backend", "resolve_backend", "ENV_VAR"]
+
+ENV_VAR = "STIEFEL_KERNELS_BACKEND"
+
+
+@dataclass(frozen=True)
+class StiefelHyperparams:
+    """Hyper-parameters of one Stiefel group's step (``retraction`` is canonical)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    amsgrad: bool
+    maximize: bool
+    retraction: str
+    cayley_iters: int
+    ns_steps: int
+    drift_tol: float
+
+
+class Backend(Protocol):
+    name: str
+
+    def unsupported_reason(self, param: Tensor) -> str | None: ...
+
+    def step(self, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+             exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
+             state_steps: list[Tensor], hp: StiefelHyperparams) -> Tensor | None: ...
+
+
+_REGISTRY: dict[str, Backend] = {}
+_LAZY: dict[str, Callable[[], Backend]] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Make ``backend`` selectable by its name."""
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def _register_lazy(name: str, loader: Callable[[], Backend]) -> None:
+    _LAZY[name] = loader
+
+
+def available_backends() -> list[str]:
+    """Names accepted by ``backend=`` besides ``"auto"``."""
+    return sorted(set(_REGISTRY) | set(_LAZY))
+
+
+def get_backend(name: str) -> Backend:
+    """The backend registered under ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones), or a backend whose
+            dependencies are missing (the message says which).
+    """
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in _LAZY:
+        try:
+            return register_backend(_LAZY[name]())
+        except ImportError as exc:
+            raise ValueError(f"backend {name!r} is not usable here: {exc}") from exc
+    raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {available_backends()}")
+
+
+def auto_backend(param: Tensor) -> Backend:
+    """The default backend for a parameter: ``triton`` on CUDA when importable, else ``torch``."""
+    if param.device.type == "cuda" and "triton" in _LAZY:
+        try:
+            backend = get_backend("triton")
+            if backend.unsupported_reason(param) is None:
+                return backend
+        except ValueError:
+            pass
+    return get_backend("torch")
+
+
+def resolve_backend(name: str | None, param: Tensor) -> Backend:
+    """Pick the backend for ``param``: an explicit ``name`` wins, then ``$STIEFEL_KERNELS_BACKEND``,
+    then :func:`auto_backend`. A backend that cannot handle ``param`` raises ``ValueError``."""
+    name = name or "auto"
+    if name == "auto":
+        name = os.environ.get(ENV_VAR, "auto") or "auto"
+    backend = auto_backend(param) if name == "auto" else get_backend(name)
+    reason = backend.unsupported_reason(param)
+    if reason is not None:
+        raise ValueError(f"backend {backend.name!r} cannot step this parameter: {reason}")
+    return backend
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """Moments of a Stiefel factor are kept in float32 for half-precision parameters."""
+    return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
+
+
+def bias_corrections(state_steps: list[Tensor], beta1: float, beta2: float) -> tuple[list[float], list[float]]:
+    """``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` per factor, from CPU step counters (no device sync)."""
+    steps = [float(s) for s in state_steps]
+    return [1.0 - beta1 ** t for t in steps], [(1.0 - beta2 ** t) ** 0.5 for t in steps]
+
+
+from . import reference as _reference  # noqa: E402
+from . import torch_backend as _torch_backend  # noqa: E402
+
+register_backend(_reference.BACKEND)
+register_backend(_torch_backend.BACKEND)
+
+
+def _load_triton() -> Backend:
+    from . import triton_backend  # raises ImportError without triton
+
+    return triton_backend.BACKEND
+
+
+_register_lazy("triton", _load_triton)

@@ -1,0 +1,87 @@
+"""Reference backend: Algorithm 1 of the Stiefel-AdamW talk, literally, one tensor at a time.
+
+This is the specification every other backend is tested against. It uses the full-matrix
+retractions of :mod:`stiefel_kernels.geometry` and AdamW's moment semantics:
+
+    m <- beta1 m + (1 - beta1) g                     (torch: exp_avg.lerp_(g, 1 - beta1))
+    v <- beta2 v + (1 - beta2) g*g
+    v_max <- max(v_max, v)                           (amsgrad)
+    D = (m / (1 - beta1^t)) / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    xi = -lr P_X(D);   X <- R_X(xi)
+
+No weight decay (a Stiefel factor has fixed norm). Cayley retractions preserve ``X^T X``, so
+drift is corrected: where ``||X^T X - I||_F > drift_tol`` the new point is multiplied on the
+right by ``(X^T X)^(-1/2)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import geometry
+from . import StiefelHyperparams, state_dtype
+
+name = "reference"
+
+
+def unsupported_reason(param: Tensor) -> str | None:
+    return None  # any device, any real floating dtype
+
+
+def retract(x: Tensor, xi: Tensor, hp: StiefelHyperparams) -> Tensor:
+    """Full-matrix retraction named by ``hp.retraction`` (canonical), ``(..., n, r)``."""
+    if hp.retraction == "qr":
+        return geometry.retract_qr(x, xi)
+    if hp.retraction == "polar":
+        return geometry.retract_polar(x, xi)
+    if hp.retraction == "newton_schulz":
+        return geometry.retract_newton_schulz(x, xi, hp.ns_steps)
+    if hp.retraction == "cayley":
+        y = geometry.retract_cayley(x, xi)
+    else:
+        y = geometry.retract_cayley_fixed_point(x, xi, hp.cayley_iters)
+    k = x.mT @ x
+    eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+    drifted = torch.linalg.matrix_norm(k - eye) > hp.drift_tol
+    if bool(drifted.any()):
+        evals, evecs = torch.linalg.eigh(k)
+        inv_sqrt = (evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.mT
+        y = torch.where(drifted[..., None, None], y @ inv_sqrt, y)
+    return y
+
+
+@torch.no_grad()
+def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+         exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
+         state_steps: list[Tensor], hp: StiefelHyperparams) -> Tensor | None:
+    for i, p in enumerate(params):
+        work = state_dtype(p)
+        grad = grads[i].to(work)
+        if hp.maximize:
+            grad = -grad
+        m, v = exp_avgs[i], exp_avg_sqs[i]
+        state_steps[i] += 1
+        t = float(state_steps[i])
+        m.lerp_(grad, 1 - hp.beta1)
+        v.mul_(hp.beta2).addcmul_(grad, grad, value=1 - hp.beta2)
+        if hp.amsgrad:
+            torch.maximum(max_exp_avg_sqs[i], v, out=max_exp_avg_sqs[i])
+            v = max_exp_avg_sqs[i]
+        bias_correction1 = 1 - hp.beta1 ** t
+        bias_correction2_sqrt = (1 - hp.beta2 ** t) ** 0.5
+        d = (m / bias_correction1) / (v.sqrt() / bias_correction2_sqrt + hp.eps)
+
+        x = geometry.as_column_form(p).to(work)
+        xi = -hp.lr * geometry.project_tangent(x, geometry.as_column_form(d))
+        y = retract(x, xi, hp)
+        geometry.as_column_form(p).copy_(y)
+    return None
+
+
+class _Reference:
+    name = name
+    unsupported_reason = staticmethod(unsupported_reason)
+    step = staticmethod(step)
+
+
+BACKEND = _Reference()

@@ -1,0 +1,100 @@
+"""Torch backend: the two-pass Gram form over whole buckets of same-shape factors.
+
+Portable fast path and the template of the Triton kernels. Per bucket (same shape, dtype,
+device) of a parameter group:
+
+1. moments with ``torch._foreach_*`` (no per-factor Python loop), ``D`` batched;
+2. pass 1: ``K, G, H`` by batched matmuls in float32 or wider (TF32 off);
+3. small step: :func:`stiefel_kernels.gram.retraction_coefficients` for all factors at once;
+4. pass 2: ``Y = X C + D E`` and one ``_foreach_copy_`` back into the parameters.
+
+No host synchronization: bias corrections come from the CPU step counters, factorization
+failures stay on the device as a count.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from .. import geometry, gram
+from . import StiefelHyperparams, bias_corrections, state_dtype
+
+name = "torch"
+
+
+def unsupported_reason(param: Tensor) -> str | None:
+    return None
+
+
+def _column(t: Tensor) -> Tensor:
+    """Column-form view of a stacked bucket ``(B, ..., a, b)`` (orientation from the last dims)."""
+    return geometry.as_column_form(t)
+
+
+def _bucket(params: list[Tensor]) -> dict[tuple, list[int]]:
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        buckets[(tuple(p.shape), p.dtype, p.device)].append(i)
+    return buckets
+
+
+def _as_batch(values: list[float], like: Tensor) -> Tensor:
+    """Per-factor scalars as a ``(B, 1, ..., 1)`` tensor broadcasting against a stacked bucket."""
+    out = torch.tensor(values, dtype=like.dtype)
+    return out.view(-1, *([1] * (like.dim() - 1))).to(like.device, non_blocking=True)
+
+
+@torch.no_grad()
+def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+         exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
+         state_steps: list[Tensor], hp: StiefelHyperparams) -> Tensor | None:
+    failures = None
+    for idx in _bucket(params).values():
+        ps = [params[i] for i in idx]
+        ms = [exp_avgs[i] for i in idx]
+        vs = [exp_avg_sqs[i] for i in idx]
+        steps = [state_steps[i] for i in idx]
+        work = state_dtype(ps[0])
+        gs = [grads[i].to(work) for i in idx]
+        if hp.maximize:
+            gs = torch._foreach_neg(gs)
+
+        torch._foreach_add_(steps, 1)
+        torch._foreach_lerp_(ms, gs, 1 - hp.beta1)
+        torch._foreach_mul_(vs, hp.beta2)
+        torch._foreach_addcmul_(vs, gs, gs, 1 - hp.beta2)
+        if hp.amsgrad:
+            maxs = [max_exp_avg_sqs[i] for i in idx]
+            torch._foreach_maximum_(maxs, vs)
+            vs = maxs
+
+        m = torch.stack(ms)
+        bc1, bc2_sqrt = bias_corrections(steps, hp.beta1, hp.beta2)
+        d = (m / _as_batch(bc1, m)) / (torch.stack(vs).sqrt() / _as_batch(bc2_sqrt, m) + hp.eps)
+        x = _column(torch.stack(ps).to(work))
+        d = _column(d)
+
+        k, g, h = gram.gram_pass(x, d)
+        c, e, info = gram.retraction_coefficients(
+            k, g, h, hp.lr, hp.retraction, cayley_iters=hp.cayley_iters, ns_steps=hp.ns_steps)
+        if hp.retraction in ("cayley", "cayley_fp"):
+            s = gram.drift_correction(k, hp.drift_tol)
+            c, e = c @ s, e @ s
+        y = gram.apply_coefficients(x, d, c.to(work), e.to(work))
+        stored = y.mT if geometry.is_row_orthonormal(ps[0].shape) else y
+        torch._foreach_copy_(ps, list(stored.to(ps[0].dtype).unbind(0)))
+
+        count = (info != 0).sum()
+        failures = count if failures is None else failures + count
+    return failures
+
+
+class _Torch:
+    name = name
+    unsupported_reason = staticmethod(unsupported_reason)
+    step = staticmethod(step)
+
+
+BACKEND = _Torch()
