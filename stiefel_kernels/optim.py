@@ -211,7 +211,7 @@ class StiefelAdamW(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"StiefelAdamW does not support sparse gradients ({self._label(gi, j, p)})")
-                if not group["stiefel"] or len(self.state[p]) > 0:
+                if not group["stiefel"] or self.state.get(p):
                     continue
                 if p.grad.shape != p.shape:
                     raise RuntimeError(f"StiefelAdamW: gradient of shape {tuple(p.grad.shape)} for "

@@ -1,0 +1,17 @@
+"""Shared test setup: the Triton interpreter on machines without CUDA, and seeded generators."""
+import os
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def gen(request):
+    """A generator seeded from the test's name: fresh random inputs per test, reproducible."""
+    g = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    return g

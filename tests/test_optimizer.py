@@ -1,0 +1,393 @@
+"""StiefelAdamW: Euclidean groups vs torch.optim.AdamW, backends vs the reference, drift,
+state_dict resume, torch.optim API, and every documented error."""
+import copy
+
+import pytest
+import torch
+
+import stiefel_kernels as sk
+from stiefel_kernels import StiefelAdamW, backends
+
+RETRACTIONS = ["cayley_fp", "cayley", "qr", "polar", "newton_schulz"]
+FAST_BACKENDS = ["torch"]
+
+
+def lowrank_problem(gen, shapes, dtype=torch.float64):
+    """Stiefel factors of the given stored shapes, and a loss with fresh random data."""
+    factors = [sk.random_stiefel(*s, dtype=dtype, generator=gen).requires_grad_() for s in shapes]
+    targets = [torch.randn(*s, dtype=dtype, generator=gen) for s in shapes]
+    weights = [torch.rand(*s, dtype=dtype, generator=gen) + 0.5 for s in shapes]
+
+    def loss_fn():
+        return sum(((w * (f - t)) ** 2).sum() + (f ** 3).sum() for f, t, w in zip(factors, targets, weights))
+
+    return factors, loss_fn
+
+
+def run(opt, loss_fn, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---------------------------------------------------------------- Euclidean groups = torch AdamW
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(amsgrad=True, weight_decay=0.1),
+    dict(maximize=True, betas=(0.8, 0.99), eps=1e-6),
+    dict(foreach=False),
+    dict(foreach=True, amsgrad=True),
+    dict(fused=True),
+])
+def test_euclidean_groups_match_torch_adamw_bitwise(gen, kw):
+    params = [torch.randn(7, 5, generator=gen), torch.randn(13, generator=gen), torch.randn(2, 3, 4, generator=gen)]
+    ours = [p.clone().requires_grad_() for p in params]
+    theirs = [p.clone().requires_grad_() for p in params]
+    opt_a = StiefelAdamW(ours, lr=3e-3, **kw)
+    opt_b = torch.optim.AdamW(theirs, lr=3e-3, **kw)
+    for step in range(25):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(ours, grads):
+            p.grad = g.clone()
+        for p, g in zip(theirs, grads):
+            p.grad = g.clone()
+        opt_a.step()
+        opt_b.step()
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    for a, b in zip(ours, theirs):
+        for key in opt_b.state[b]:
+            assert torch.equal(opt_a.state[a][key], opt_b.state[b][key]), key
+
+
+# ---------------------------------------------------------------- backends vs reference
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("retraction", RETRACTIONS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_backend_matches_reference(gen, backend, retraction, dtype, tol):
+    # both orientations, r = 1, n = r, a stack, two factors of one shape (a bucket)
+    shapes = [(3, 17), (17, 3), (17, 3), (1, 9), (4, 4), (2, 5, 11)]
+    factors, loss_fn = lowrank_problem(gen, shapes, dtype)
+    twins = [f.detach().clone().requires_grad_() for f in factors]
+    kw = dict(lr=2e-2, retraction=retraction, amsgrad=(retraction == "qr"))
+    opt_ref = StiefelAdamW([{"params": factors, "stiefel": True}], backend="reference", **kw)
+    opt_fast = StiefelAdamW([{"params": twins, "stiefel": True}], backend=backend, **kw)
+    for _ in range(8):
+        for opt, fs in ((opt_ref, factors), (opt_fast, twins)):
+            opt.zero_grad()
+            # identical gradients: computed on the reference iterate, copied
+            pass
+        grads = []
+        loss_fn().backward()
+        for f, t in zip(factors, twins):
+            t.grad = f.grad.clone()
+        opt_ref.step()
+        opt_fast.step()
+        for f, t in zip(factors, twins):
+            assert rel(t.detach(), f.detach()) < tol
+            # carry the reference point over so errors do not compound chaotically
+            with torch.no_grad():
+                t.copy_(f)
+    for f, t in zip(factors, twins):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert rel(opt_fast.state[t][key], opt_ref.state[f][key]) < tol
+
+
+@pytest.mark.parametrize("retraction", RETRACTIONS)
+def test_backend_trajectory_close_over_many_steps(gen, retraction):
+    factors, loss_fn = lowrank_problem(gen, [(4, 30), (30, 4), (2, 3, 8)])
+    twins = [f.detach().clone().requires_grad_() for f in factors]
+    opt_ref = StiefelAdamW([{"params": factors, "stiefel": True}], lr=1e-2, retraction=retraction, backend="reference")
+    opt_fast = StiefelAdamW([{"params": twins, "stiefel": True}], lr=1e-2, retraction=retraction, backend="torch")
+    _, loss_twin = None, None
+    for _ in range(100):
+        opt_ref.zero_grad()
+        loss_fn().backward()
+        for f, t in zip(factors, twins):
+            t.grad = f.grad.clone()
+        opt_ref.step()
+        opt_fast.step()
+    for f, t in zip(factors, twins):
+        assert rel(t.detach(), f.detach()) < 1e-10  # float64 over 100 steps
+
+
+def test_bf16_factor_keeps_float32_state(gen):
+    a = sk.random_stiefel(4, 64, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    a32 = a.detach().float().requires_grad_()
+    opt = StiefelAdamW([{"params": [a], "stiefel": True}], lr=1e-2, backend="torch")
+    ref = StiefelAdamW([{"params": [a32], "stiefel": True}], lr=1e-2, backend="reference", ortho_tol=5e-2)
+    for _ in range(5):
+        g = torch.randn(4, 64, generator=gen)
+        a.grad = g.bfloat16()
+        a32.grad = g.bfloat16().float()
+        opt.step()
+        ref.step()
+        with torch.no_grad():  # compare one step from a common point
+            assert rel(a.detach().float(), a32.detach()) < 2e-2
+            a32.copy_(a.float())
+    assert opt.state[a]["exp_avg"].dtype == torch.float32
+    assert sk.orthogonality_error(a).item() < 5e-2
+
+
+# ---------------------------------------------------------------- drift over 2000 fp32 steps
+@pytest.mark.parametrize("retraction", RETRACTIONS)
+def test_orthogonality_after_2000_fp32_steps(gen, retraction):
+    """Polar, QR and Newton-Schulz renormalize from the measured K each step; the Cayley
+    variants preserve K, so the step folds in a polar correction when ||K - I||_F > drift_tol."""
+    a = sk.random_stiefel(8, 200, generator=gen).requires_grad_()
+    col = sk.random_stiefel(3, 60, 5, generator=gen).requires_grad_()
+    target_a = torch.randn(8, 200, generator=gen)
+    target_c = torch.randn(3, 60, 5, generator=gen)
+    opt = StiefelAdamW([{"params": [a, col], "stiefel": True}], lr=5e-3, retraction=retraction, backend="torch")
+    for _ in range(2000):
+        opt.zero_grad()
+        (((a - target_a) ** 2).sum() + ((col - target_c) ** 2).sum()).backward()
+        opt.step()
+    assert sk.orthogonality_error(a).max().item() < 1e-5
+    assert sk.orthogonality_error(col).max().item() < 1e-5
+    assert opt.retraction_failures == 0
+
+
+def test_reference_orthogonality_after_many_fp32_steps(gen):
+    a = sk.random_stiefel(5, 40, generator=gen).requires_grad_()
+    target = torch.randn(5, 40, generator=gen)
+    opt = StiefelAdamW([{"params": [a], "stiefel": True}], lr=5e-3, backend="reference")
+    for _ in range(500):
+        opt.zero_grad()
+        ((a - target) ** 2).sum().backward()
+        opt.step()
+    assert sk.orthogonality_error(a).item() < 1e-5
+
+
+# ---------------------------------------------------------------- it optimizes
+def test_two_factor_recovery_converges(gen):
+    m, n, r = 20, 30, 4
+    target = torch.randn(m, r, generator=gen) @ torch.randn(r, n, generator=gen)
+    a = sk.random_stiefel(r, n, generator=gen).requires_grad_()
+    b = torch.zeros(m, r, requires_grad=True)
+    opt = StiefelAdamW([{"params": [a], "stiefel": True}, {"params": [b]}], lr=3e-2, weight_decay=0.0)
+    for _ in range(1200):
+        opt.zero_grad()
+        loss = 0.5 * ((b @ a - target) ** 2).sum()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-3 * 0.5 * (target ** 2).sum().item()
+    assert sk.orthogonality_error(a).item() < 1e-5
+
+
+# ---------------------------------------------------------------- torch.optim API
+def make_model(gen):
+    a = sk.random_stiefel(3, 12, generator=gen).requires_grad_()
+    b = torch.randn(8, 3, generator=gen).requires_grad_()
+    bias = torch.randn(8, generator=gen).requires_grad_()
+    data = torch.randn(16, 12, generator=gen)
+    tgt = torch.randn(16, 8, generator=gen)
+
+    def loss_fn():
+        return ((data @ a.T @ b.T + bias - tgt) ** 2).mean()
+
+    return [a, b, bias], loss_fn
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_state_dict_resume_gives_same_trajectory(gen, backend, amsgrad):
+    def make_opt(ps):
+        return StiefelAdamW([{"params": ps[:1], "stiefel": True}, {"params": ps[1:]}],
+                            lr=1e-2, amsgrad=amsgrad, backend=backend)
+
+    params, loss_fn = make_model(gen)
+    init = [p.detach().clone() for p in params]
+    opt = make_opt(params)
+    run(opt, loss_fn, 5)
+    saved_params = [p.detach().clone() for p in params]
+    saved = copy.deepcopy(opt.state_dict())
+    run(opt, loss_fn, 5)
+    uninterrupted = [p.detach().clone() for p in params]
+
+    with torch.no_grad():
+        for p, s in zip(params, saved_params):
+            p.copy_(s)
+    fresh = make_opt(params)
+    fresh.load_state_dict(saved)
+    run(fresh, loss_fn, 5)
+    for p, u, i in zip(params, uninterrupted, init):
+        assert torch.equal(p.detach(), u)
+        assert not torch.equal(u, i)
+
+
+def test_state_dict_keeps_float32_moments_of_bf16_factor(gen):
+    a = sk.random_stiefel(4, 32, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    opt = StiefelAdamW([{"params": [a], "stiefel": True}], lr=1e-2)
+    a.grad = torch.randn(4, 32, generator=gen).bfloat16()
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    opt2 = StiefelAdamW([{"params": [a], "stiefel": True}], lr=1e-2)
+    opt2.load_state_dict(sd)
+    assert opt2.state[a]["exp_avg"].dtype == torch.float32
+    assert torch.equal(opt2.state[a]["exp_avg"], opt.state[a]["exp_avg"])
+
+
+def test_state_dict_from_other_shapes_is_rejected_and_changes_nothing(gen):
+    params, loss_fn = make_model(gen)
+    opt = StiefelAdamW([{"params": params[:1], "stiefel": True}, {"params": params[1:]}])
+    run(opt, loss_fn, 1)
+    other = [sk.random_stiefel(3, 13, generator=gen).requires_grad_(), torch.randn(8, 3, requires_grad=True),
+             torch.randn(8, requires_grad=True)]
+    opt_other = StiefelAdamW([{"params": other[:1], "stiefel": True}, {"params": other[1:]}])
+    other[0].grad = torch.randn(3, 13, generator=gen)
+    opt_other.step()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"shape \(3, 13\).*other shapes"):
+        opt.load_state_dict(opt_other.state_dict())
+    after = opt.state_dict()
+    assert before["param_groups"] == after["param_groups"]
+    assert torch.equal(before["state"][0]["exp_avg"], after["state"][0]["exp_avg"])
+    # group structure mismatch
+    with pytest.raises(ValueError, match="Stiefel"):
+        swapped = StiefelAdamW([{"params": params[:1]}, {"params": params[1:], "stiefel": True}])
+        swapped.load_state_dict(before)
+
+
+def test_lr_scheduler_closure_zero_grad_add_param_group(gen):
+    params, loss_fn = make_model(gen)
+    opt = StiefelAdamW([{"params": params[:1], "stiefel": True}, {"params": params[1:2]}], lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    losses = []
+    for _ in range(4):
+        losses.append(opt.step(closure).item())
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [2.5e-3, 2.5e-3]
+    assert losses[-1] < losses[0]
+    opt.zero_grad()
+    assert all(p.grad is None for p in params[:2])
+    opt.add_param_group({"params": params[2:], "lr": 1e-3})
+    assert opt.param_groups[-1]["stiefel"] is False
+    opt.step(closure)
+    assert len(opt.state[params[2]]) == 3
+    # a Stiefel group added later is validated like one given at construction
+    extra = sk.random_stiefel(2, 9, generator=gen).requires_grad_()
+    opt.add_param_group({"params": [extra], "stiefel": True, "retraction": "qr"})
+    extra.grad = torch.randn(2, 9, generator=gen)
+    opt.step()
+    assert sk.orthogonality_error(extra).item() < 1e-5
+
+
+def test_lr_zero_keeps_factor(gen):
+    a = sk.random_stiefel(3, 10, dtype=torch.float64, generator=gen).requires_grad_()
+    a0 = a.detach().clone()
+    opt = StiefelAdamW([{"params": [a], "stiefel": True}], lr=0.0, retraction="polar")
+    a.grad = torch.randn(3, 10, dtype=torch.float64, generator=gen)
+    opt.step()
+    assert rel(a.detach(), a0) < 1e-14
+
+
+def test_backend_env_var(gen, monkeypatch):
+    a = sk.random_stiefel(3, 10, generator=gen).requires_grad_()
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.resolve_backend("auto", a).name == "reference"
+    assert backends.resolve_backend("torch", a).name == "torch"  # explicit wins
+    monkeypatch.setenv(backends.ENV_VAR, "nope")
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        backends.resolve_backend("auto", a)
+    monkeypatch.delenv(backends.ENV_VAR)
+    assert backends.resolve_backend("auto", a).name == "torch"  # CPU default
+
+
+# ---------------------------------------------------------------- bad input: clear error, nothing changed
+def test_bad_hyperparameters():
+    p = [torch.randn(3, 4, requires_grad=True)]
+    for kw, msg in [(dict(lr=-1.0), "lr"), (dict(eps=-1e-8), "eps"), (dict(betas=(1.0, 0.9)), "beta"),
+                    (dict(betas=(0.9, -0.1)), "beta"), (dict(weight_decay=-0.1), "weight_decay"),
+                    (dict(retraction="exp"), "unknown retraction"), (dict(backend="cuda"), "unknown backend"),
+                    (dict(cayley_iters=0), "cayley_iters"), (dict(ns_steps=1.5), "ns_steps"),
+                    (dict(lr=float("nan")), "lr")]:
+        with pytest.raises(ValueError, match=msg):
+            StiefelAdamW(p, **kw)
+
+
+@pytest.mark.parametrize("param,msg", [
+    (torch.randn(5), "matrix or a stack"),
+    (torch.randn(3, 5, dtype=torch.complex64), "real floating"),
+    (torch.ones(3, 5, dtype=torch.int64), "real floating"),
+])
+def test_bad_stiefel_parameters_rejected(param, msg):
+    with pytest.raises(ValueError, match=msg):
+        StiefelAdamW([{"params": [param], "stiefel": True}])
+
+
+def test_weight_decay_on_stiefel_group_rejected():
+    a = sk.random_stiefel(3, 5).requires_grad_()
+    with pytest.raises(ValueError, match="weight_decay"):
+        StiefelAdamW([{"params": [a], "stiefel": True, "weight_decay": 0.1}])
+    opt = StiefelAdamW([{"params": [a], "stiefel": True}], weight_decay=0.1)  # inherited: ignored
+    a.grad = torch.randn(3, 5)
+    opt.step()
+    assert sk.orthogonality_error(a).item() < 1e-5
+
+
+def test_bad_add_param_group_adds_nothing(gen):
+    params, _ = make_model(gen)
+    opt = StiefelAdamW([{"params": params[:1], "stiefel": True}])
+    with pytest.raises(ValueError, match="matrix or a stack"):
+        opt.add_param_group({"params": [params[2]], "stiefel": True})
+    with pytest.raises(ValueError, match="unknown retraction"):
+        opt.add_param_group({"params": [params[1]], "retraction": "bogus"})
+    assert len(opt.param_groups) == 1
+
+
+def test_not_orthonormal_at_first_step_raises_and_changes_nothing(gen):
+    a = torch.randn(3, 12, generator=gen).requires_grad_()
+    b = torch.randn(8, 3, generator=gen).requires_grad_()
+    opt = StiefelAdamW([{"params": [b]}, {"params": [a], "stiefel": True}], lr=1e-2)
+    a.grad = torch.randn(3, 12, generator=gen)
+    b.grad = torch.randn(8, 3, generator=gen)
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    with pytest.raises(ValueError, match=r"param group 1, param 0 .*not orthonormal.*orthonormalize_"):
+        opt.step()
+    assert torch.equal(a, a0) and torch.equal(b, b0)  # the Euclidean group did not step either
+    assert len(opt.state) == 0
+    sk.orthonormalize_(a)
+    opt.step()
+    assert sk.orthogonality_error(a).item() < 1e-5
+
+
+def test_sparse_gradient_rejected(gen):
+    a = sk.random_stiefel(3, 12, generator=gen).requires_grad_()
+    opt = StiefelAdamW([{"params": [a], "stiefel": True}])
+    a.grad = torch.randn(3, 12, generator=gen).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert len(opt.state) == 0
+
+
+def test_param_names_in_errors(gen):
+    a = torch.randn(3, 12, generator=gen).requires_grad_()
+    opt = StiefelAdamW([{"params": [("layer.lora_A", a)], "stiefel": True}])
+    a.grad = torch.randn(3, 12, generator=gen)
+    with pytest.raises(ValueError, match="layer.lora_A"):
+        opt.step()
+
+
+def test_nonfinite_gradient_propagates_like_torch_adamw(gen):
+    """Documented: no check, like torch.optim.AdamW; NaN reaches the factor (and only it)."""
+    a = sk.random_stiefel(3, 12, generator=gen).requires_grad_()
+    c = sk.random_stiefel(3, 12, generator=gen).requires_grad_()
+    opt = StiefelAdamW([{"params": [a, c], "stiefel": True}], backend="torch")
+    a.grad = torch.full((3, 12), float("nan"))
+    c.grad = torch.randn(3, 12, generator=gen)
+    opt.step()
+    assert torch.isnan(a).all()
+    assert torch.isfinite(c).all()  # a bucket-mate is not contaminated
