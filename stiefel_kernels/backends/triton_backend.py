@@ -1,0 +1,303 @@
+"""Triton backend: the two-pass Gram form with one fused kernel launch per pass and bucket.
+
+Per bucket of a parameter group (same shape, dtype, device and gradient dtype), following
+:mod:`.torch_backend`:
+
+1. pass 1 (:func:`~stiefel_kernels.kernels.stiefel_adamw_triton.stiefel_pass1_kernel`, one
+   launch): moments in place, ``D``, per-chunk Gram partials of ``K, G, H`` in fp32; then a
+   fixed-order ``sum`` over chunks (deterministic, no atomics);
+2. small step: :func:`stiefel_kernels.gram.retraction_coefficients` (and
+   :func:`~stiefel_kernels.gram.drift_correction` for the Cayley retractions) in batched torch
+   ops on the ``r x r`` matrices;
+3. pass 2 (one launch): ``D`` recomputed by the same jit helper, ``p = X C + D E`` in place.
+
+Factors are addressed through ``int64`` arrays of ``data_ptr()`` values (cached per bucket), so
+nothing is stacked or copied; a stack (``(..., a, b)`` parameter) contributes one factor per
+matrix. Wide stored factors are read transposed through strides. Hyper-parameters and bias
+corrections are runtime arguments: changing ``lr`` or the step never recompiles.
+
+No host synchronization: bias corrections come from the CPU step counters; the count of failed
+``r x r`` factorizations stays on the device.
+
+The bucket step is registered as the custom op ``torch.ops.stiefel_kernels.triton_stiefel_step``
+(``torch.library.custom_op`` with its mutated arguments declared and a fake kernel), so a step
+can sit inside ``torch.compile``d code as one opaque op. ``torch.library.triton_op`` is not used:
+its mutation analysis looks at the tensor arguments of the kernels, and these kernels reach the
+parameters through pointer arrays.
+
+On CPU tensors the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set before
+triton is imported); that is how the tests cover them without a GPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict, defaultdict
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from .. import gram
+from ..kernels.stiefel_adamw_triton import stiefel_pass1_kernel, stiefel_pass2_kernel
+from . import StiefelHyperparams, bias_corrections, state_dtype
+
+name = "triton"
+
+MAX_RANK = 128
+_PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
+_GRAD_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unsupported_reason(param: Tensor) -> str | None:
+    """``None`` when the kernels can step ``param``, else why not."""
+    if param.device.type == "cuda":
+        pass
+    elif param.device.type == "cpu":
+        if not _interpreting():
+            return ("CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before "
+                    "importing triton); use backend='torch' or 'reference' on CPU")
+    else:
+        return f"device {param.device.type!r} is not supported (CUDA only)"
+    if param.dtype not in _PARAM_DTYPES:
+        return (f"dtype {param.dtype} is not supported (float32 or bfloat16 parameters only); "
+                "use backend='torch' or 'reference'")
+    if param.dim() < 2:
+        return f"a Stiefel factor needs at least 2 dims, got shape {tuple(param.shape)}"
+    r = min(param.shape[-2], param.shape[-1])
+    if r > MAX_RANK:
+        return f"rank {r} (the shorter side) is above the kernels' limit of {MAX_RANK}"
+    if param.numel() == 0:
+        return "empty parameter"
+    return None
+
+
+# ----------------------------------------------------------------------------- launch config
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # interpreter: fewest programs is fastest
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 4 * _SM_COUNT[idx]
+
+
+def launch_config(n: int, r: int, num_factors: int, device: torch.device,
+                  num_chunks: int | None = None, block_n: int | None = None) -> dict:
+    """Tile sizes and the split of the long dimension ``n`` into chunks (one program each).
+
+    A chunk holds at least ``8 * R_PAD`` rows so the ``3 R_PAD^2`` partial sums it writes stay
+    small next to the data it reads. ``num_chunks`` / ``block_n`` override (tests)."""
+    r_pad = max(16, _next_pow2(r))
+    if block_n is None:
+        block_n = min(128, max(32, 4096 // r_pad))
+    if num_chunks is None:
+        min_rows = max(block_n, 8 * r_pad)
+        max_chunks = max(1, math.ceil(n / min_rows))
+        num_chunks = min(max_chunks, max(1, math.ceil(_target_programs(device) / num_factors)))
+    num_chunks = max(1, min(num_chunks, math.ceil(n / block_n)))
+    rows = math.ceil(math.ceil(n / num_chunks) / block_n) * block_n
+    num_chunks = math.ceil(n / rows)
+    return dict(R_PAD=r_pad, BLOCK_N=block_n, rows_per_chunk=rows, num_chunks=num_chunks,
+                num_warps=4 if r_pad <= 32 else 8)
+
+
+# ----------------------------------------------------------------------------- pointer arrays
+_PTR_CACHE: OrderedDict = OrderedDict()
+_PTR_CACHE_SIZE = 256
+
+
+def _matrix_pointers(t: Tensor) -> list[int]:
+    """``data_ptr()`` of every matrix of a contiguous ``(..., a, b)`` tensor."""
+    mat = t.shape[-2] * t.shape[-1]
+    count = t.numel() // mat
+    base, step = t.data_ptr(), mat * t.element_size()
+    return [base + s * step for s in range(count)]
+
+
+def pointer_array(kinds: list[list[Tensor] | None], device: torch.device) -> Tensor:
+    """``(len(kinds), F)`` int64 device tensor of matrix pointers; a ``None`` kind repeats the
+    first row (never dereferenced). Cached by the pointer values themselves, which is always
+    valid: the array only holds those values."""
+    rows = []
+    for ts in kinds:
+        rows.append(None if ts is None else tuple(q for t in ts for q in _matrix_pointers(t)))
+    first = rows[0]
+    rows = [first if row is None else row for row in rows]
+    key = (device, tuple(rows))
+    hit = _PTR_CACHE.get(key)
+    if hit is not None:
+        _PTR_CACHE.move_to_end(key)
+        return hit
+    arr = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    _PTR_CACHE[key] = arr
+    if len(_PTR_CACHE) > _PTR_CACHE_SIZE:
+        _PTR_CACHE.popitem(last=False)
+    return arr
+
+
+# ----------------------------------------------------------------------------- passes
+def _orientation(shape) -> tuple[int, int, int, int]:
+    """``(n, r, stride_n, stride_r)`` of the column form of a contiguous ``(..., a, b)`` matrix."""
+    a, b = shape[-2], shape[-1]
+    if a < b:  # wide, row-orthonormal: X = A^T
+        return b, a, 1, b
+    return a, b, b, 1
+
+
+def pass1(ptrs: Tensor, shape, p_dtype: torch.dtype, g_dtype: torch.dtype, bc: Tensor,
+          hp: StiefelHyperparams, cfg: dict, num_factors: int,
+          partials: Tensor | None = None) -> Tensor:
+    """Launch pass 1; returns the reduced Gram matrices ``(F, 3, r, r)`` (K, G, H), fp32.
+
+    ``partials`` (``(F, num_chunks, 3, R_PAD, R_PAD)`` fp32) may be given (tests poison it)."""
+    n, r, s_n, s_r = _orientation(shape)
+    r_pad, chunks = cfg["R_PAD"], cfg["num_chunks"]
+    if partials is None:
+        partials = torch.empty((num_factors, chunks, 3, r_pad, r_pad), dtype=torch.float32,
+                               device=ptrs.device)
+    stiefel_pass1_kernel[(num_factors, chunks)](
+        ptrs, bc[0], bc[1], partials,
+        num_factors, n, r, s_n, s_r, cfg["rows_per_chunk"],
+        1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, hp.eps,
+        P_DT=_PARAM_DTYPES[p_dtype], G_DT=_GRAD_DTYPES[g_dtype], S_DT=tl.float32,
+        AMSGRAD=hp.amsgrad, MAXIMIZE=hp.maximize,
+        R_PAD=r_pad, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+    return partials.sum(dim=1)[..., :r, :r]
+
+
+def small_step(grams: Tensor, hp: StiefelHyperparams, r_pad: int) -> tuple[Tensor, Tensor]:
+    """Coefficients ``(F, 2, R_PAD, R_PAD)`` (``C - I``, ``E``; zero-padded) and the failure count."""
+    k, g, h = grams.unbind(1)
+    c, e, info = gram.retraction_coefficients(
+        k, g, h, hp.lr, hp.retraction, cayley_iters=hp.cayley_iters, ns_steps=hp.ns_steps)
+    if hp.retraction in ("cayley", "cayley_fp"):
+        s = gram.drift_correction(k, hp.drift_tol)
+        c, e = c @ s, e @ s
+    num, r = k.shape[0], k.shape[-1]
+    coef = torch.zeros((num, 2, r_pad, r_pad), dtype=torch.float32, device=k.device)
+    coef[:, 0, :r, :r] = c - torch.eye(r, dtype=c.dtype, device=c.device)
+    coef[:, 1, :r, :r] = e
+    return coef, (info != 0).sum(dtype=torch.int32)
+
+
+def pass2(ptrs: Tensor, shape, p_dtype: torch.dtype, bc: Tensor, coef: Tensor,
+          hp: StiefelHyperparams, cfg: dict, num_factors: int) -> None:
+    n, r, s_n, s_r = _orientation(shape)
+    stiefel_pass2_kernel[(num_factors, cfg["num_chunks"])](
+        ptrs, bc[0], bc[1], coef,
+        num_factors, n, r, s_n, s_r, cfg["rows_per_chunk"], hp.eps,
+        P_DT=_PARAM_DTYPES[p_dtype], S_DT=tl.float32, AMSGRAD=hp.amsgrad,
+        R_PAD=cfg["R_PAD"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+
+
+def _bucket_step_impl(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                      exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], bc: Tensor,
+                      lr: float, beta1: float, beta2: float, eps: float, maximize: bool,
+                      retraction: str, cayley_iters: int, ns_steps: int,
+                      drift_tol: float) -> Tensor:
+    hp = StiefelHyperparams(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                            amsgrad=len(max_exp_avg_sqs) > 0, maximize=maximize,
+                            retraction=retraction, cayley_iters=cayley_iters, ns_steps=ns_steps,
+                            drift_tol=drift_tol)
+    p0 = params[0]
+    shape = p0.shape
+    num = len(params) * (p0.numel() // (shape[-2] * shape[-1]))
+    n, r, _, _ = _orientation(shape)
+    cfg = launch_config(n, r, num, p0.device)
+    ptrs = pointer_array([params, grads, exp_avgs, exp_avg_sqs,
+                          max_exp_avg_sqs if hp.amsgrad else None], p0.device)
+    grams = pass1(ptrs, shape, p0.dtype, grads[0].dtype, bc, hp, cfg, num)
+    coef, failures = small_step(grams, hp, cfg["R_PAD"])
+    pass2(ptrs, shape, p0.dtype, bc, coef, hp, cfg, num)
+    return failures
+
+
+_bucket_step = _bucket_step_impl
+try:
+    _bucket_step = torch.library.custom_op(
+        "stiefel_kernels::triton_stiefel_step",
+        mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+    )(_bucket_step_impl)
+
+    @_bucket_step.register_fake
+    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc, lr, beta1, beta2, eps,
+          maximize, retraction, cayley_iters, ns_steps, drift_tol):
+        return torch.empty((), dtype=torch.int32, device=params[0].device)
+except Exception:  # pragma: no cover - registration is best effort (e.g. module reloaded)
+    _bucket_step = _bucket_step_impl
+
+
+# ----------------------------------------------------------------------------- backend step
+def _bucket(params: list[Tensor], grads: list[Tensor]) -> dict[tuple, list[int]]:
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        buckets[(tuple(p.shape), p.dtype, p.device, grads[i].dtype)].append(i)
+    return buckets
+
+
+@torch.no_grad()
+def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+         exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
+         state_steps: list[Tensor], hp: StiefelHyperparams) -> Tensor | None:
+    """One Stiefel-AdamW step over ``params`` (see :mod:`stiefel_kernels.backends`)."""
+    for p in params:
+        reason = unsupported_reason(p)
+        if reason is not None:
+            raise ValueError(f"triton backend: {reason}")
+    grads = [g if g.dtype in _GRAD_DTYPES else g.to(torch.float32) for g in grads]
+    grads = [g.contiguous() for g in grads]
+    failures = None
+    for idx in _bucket(params, grads).values():
+        ps = [params[i] for i in idx]
+        gs = [grads[i] for i in idx]
+        ms = [exp_avgs[i] for i in idx]
+        vs = [exp_avg_sqs[i] for i in idx]
+        maxs = [max_exp_avg_sqs[i] for i in idx] if hp.amsgrad else []
+        steps = [state_steps[i] for i in idx]
+        work = state_dtype(ps[0])
+        for t in ms + vs + maxs:
+            if t.dtype != work or t.shape != ps[0].shape or t.device != ps[0].device:
+                raise ValueError(f"triton backend: optimizer state of dtype {t.dtype}, shape "
+                                 f"{tuple(t.shape)} does not fit a {ps[0].dtype} parameter of shape "
+                                 f"{tuple(ps[0].shape)} (expected {work} moments)")
+        # The kernels address contiguous matrices; anything else goes through a contiguous copy.
+        tensors = [ps, ms, vs, maxs]
+        staged = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in tensors]
+
+        torch._foreach_add_(steps, 1)
+        bc1, bc2 = bias_corrections(steps, hp.beta1, hp.beta2)
+        per = ps[0].numel() // (ps[0].shape[-2] * ps[0].shape[-1])
+        bc = torch.tensor([[b for b in bc1 for _ in range(per)], [b for b in bc2 for _ in range(per)]],
+                          dtype=torch.float32).to(ps[0].device, non_blocking=True)
+        count = _bucket_step(staged[0], gs, staged[1], staged[2], staged[3], bc, hp.lr, hp.beta1,
+                             hp.beta2, hp.eps, hp.maximize, hp.retraction, hp.cayley_iters,
+                             hp.ns_steps, hp.drift_tol)
+        for orig, new in zip(tensors, staged):
+            for t, s in zip(orig, new):
+                if s is not t:
+                    t.copy_(s)
+        failures = count if failures is None else failures + count
+    return failures
+
+
+class _Triton:
+    name = name
+    unsupported_reason = staticmethod(unsupported_reason)
+    step = staticmethod(step)
+
+
+BACKEND = _Triton()

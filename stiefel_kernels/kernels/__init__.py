@@ -1,0 +1,4 @@
+"""Triton kernels (imported only by :mod:`stiefel_kernels.backends.triton_backend`; needs triton)."""
+from .stiefel_adamw_triton import stiefel_pass1_kernel, stiefel_pass2_kernel
+
+__all__ = ["stiefel_pass1_kernel", "stiefel_pass2_kernel"]
