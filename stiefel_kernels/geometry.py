@@ -26,6 +26,7 @@ __all__ = [
     "retract_cayley",
     "retract_cayley_direct",
     "retract_cayley_fixed_point",
+    "cayley_step_size",
     "orthogonality_error",
     "orthonormalize_",
     "random_stiefel",
@@ -150,6 +151,22 @@ def retract_cayley(x: Tensor, xi: Tensor) -> Tensor:
     v = torch.cat([x, -pxi], dim=-1)
     eye = _eye_like(x, 2 * x.shape[-1])
     return x + u @ torch.linalg.solve(eye - 0.5 * v.mT @ u, v.mT @ x)
+
+
+def cayley_step_size(x: Tensor, eta: Tensor, lr: float | Tensor) -> Tensor:
+    """Step size ``min(lr, 1 / ||W(eta)||_F)`` of the Cayley fixed-point iteration, ``(..., 1, 1)``.
+
+    ``W(eta)`` is the skew matrix of :func:`retract_cayley_fixed_point` for the tangent direction
+    ``eta`` (``(..., n, r)``). Li, Li & Todorovic (2020) clip the step like this so that
+    ``||W / 2|| <= 1/2`` and the fixed-point iteration contracts; without it a large learning
+    rate makes the iteration diverge. ``||W||_F^2 = tr((U^T U)(V^T V))`` for ``W = U V^T``.
+    """
+    pxi, _ = _cayley_factors(x, eta)
+    u = torch.cat([pxi, x], dim=-1)
+    v = torch.cat([x, -pxi], dim=-1)
+    w_norm = torch.einsum("...ij,...ji->...", u.mT @ u, v.mT @ v).clamp_min(0).sqrt()
+    lr = torch.as_tensor(lr, dtype=x.dtype, device=x.device)
+    return torch.minimum(lr, 1.0 / w_norm.clamp_min(torch.finfo(x.dtype).tiny)[..., None, None])
 
 
 def retract_cayley_fixed_point(x: Tensor, xi: Tensor, iters: int = 2) -> Tensor:

@@ -115,6 +115,9 @@ def retraction_coefficients(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Coefficients ``(C, E)`` of ``Y = X C + D E = R_X(-lr P_X(D))`` for a batch of factors.
 
+    For ``cayley_fp`` the step is ``min(lr, 1/||W_1||_F)`` (:func:`cayley_step_size`, Li et al.
+    2020), so the fixed-point iteration contracts for any learning rate.
+
     Args:
         k, g, h: ``(..., r, r)`` Gram matrices from :func:`gram_pass`.
         lr: learning rate, a float or a tensor broadcastable to ``(..., 1, 1)``.
@@ -130,6 +133,8 @@ def retraction_coefficients(
     lr = _lr_tensor(lr, k)
     eye = _eye(k, r)
     sg = sym(g)
+    if retraction == "cayley_fp":
+        lr = cayley_step_size(k, g, h, lr)
     c0 = eye + lr * sg
     e0 = -lr * eye
     info = torch.zeros(k.shape[:-2], dtype=torch.int32, device=k.device)
@@ -147,13 +152,8 @@ def retraction_coefficients(
         return c0 @ s, e0 @ s, info
 
     # Cayley: coefficients c (2r x r) of Y = [X, D] c.
-    a = lr * sg - 0.5 * lr * (k @ sg - g)
-    b = -lr * eye
-    zeros = torch.zeros_like(k)
-    mw = torch.cat([torch.cat([a - a.mT, -b.mT], dim=-1), torch.cat([b, zeros], dim=-1)], dim=-2)
-    n = torch.cat([torch.cat([k, g], dim=-1), torch.cat([g.mT, h], dim=-1)], dim=-2)
-    amat = mw @ n
-    e1 = torch.cat([eye, zeros], dim=-2)
+    amat = _cayley_generator(k, g, sg, lr) @ _gram_2r(k, g, h)
+    e1 = torch.cat([eye, torch.zeros_like(k)], dim=-2)
     if retraction == "cayley":
         eye2 = _eye(k, 2 * r)
         c, info = smallmat.solve(eye2 - 0.5 * amat, e1 + 0.5 * amat @ e1)
@@ -164,21 +164,49 @@ def retraction_coefficients(
     return c[..., :r, :], c[..., r:, :], info
 
 
-def drift_correction(k: Tensor, tol: float, iters: int = 3) -> Tensor:
+def _cayley_generator(k: Tensor, g: Tensor, sg: Tensor, lr: Tensor) -> Tensor:
+    """Skew ``M`` (``(..., 2r, 2r)``) with ``W = Q M Q^T``, ``Q = [X, D]`` (module docstring)."""
+    eye = _eye(k, k.shape[-1])
+    a = lr * sg - 0.5 * lr * (k @ sg - g)
+    b = -lr * eye
+    zeros = torch.zeros_like(k)
+    mw = torch.cat([torch.cat([a - a.mT, -b.mT], dim=-1), torch.cat([b, zeros], dim=-1)], dim=-2)
+    return mw
+
+
+def cayley_step_size(k: Tensor, g: Tensor, h: Tensor, lr: Tensor) -> Tensor:
+    """``min(lr, 1/||W_1||_F)`` from the Gram matrices, ``(..., 1, 1)``: the coefficient form of
+    :func:`stiefel_kernels.geometry.cayley_step_size`: ``W = lr W_1`` and, ``M`` being skew,
+    ``||W||_F^2 = tr(M^T N M N) = -tr((M N)^2)``."""
+    mn = _cayley_generator(k, g, sym(g), torch.ones_like(lr)) @ _gram_2r(k, g, h)
+    w_norm = (-torch.einsum("...ij,...ji->...", mn, mn)).clamp_min(0).sqrt()
+    return torch.minimum(lr, 1.0 / w_norm.clamp_min(torch.finfo(k.dtype).tiny)[..., None, None])
+
+
+def _gram_2r(k: Tensor, g: Tensor, h: Tensor) -> Tensor:
+    """``N = [X, D]^T [X, D] = [[K, G], [G^T, H]]``, ``(..., 2r, 2r)``."""
+    return torch.cat([torch.cat([k, g], dim=-1), torch.cat([g.mT, h], dim=-1)], dim=-2)
+
+
+def drift_correction(k: Tensor, tol: float, iters: int = 4) -> Tensor:
     """Right factor ``S`` (``(..., r, r)``) that folds a polar correction into ``(C, E)``.
 
     Cayley retractions preserve ``Y^T Y = X^T X = K``; where ``||K - I||_F > tol`` we return
-    ``S = K^(-1/2)`` (coupled Newton–Schulz, matrix products only, so no host sync; ``K`` is within
-    a tolerance of ``I`` so it converges in a few steps), elsewhere ``S = I``.
+    ``S ~ K^(-1/2)``, elsewhere ``S = I``. ``K^(-1/2)`` comes from the coupled Newton–Schulz
+    iteration (matrix products only, so no host sync) on ``K / c`` with ``c`` the largest row
+    sum of ``|K|`` (``>= lambda_max``): its eigenvalues lie in ``(0, 1]``, where the iteration
+    always converges, quadratically near ``I`` (the usual case: a few steps reach rounding).
+    A badly drifted ``K`` is corrected partly in one step and fully over the next ones.
     """
     r = k.shape[-1]
     eye = _eye(k, r)
     err = torch.linalg.matrix_norm(k - eye)
-    y, z = k, eye
+    c = k.abs().sum(dim=-1).amax(dim=-1)[..., None, None]
+    y, z = k / c, eye
     for _ in range(iters):
         t = 0.5 * (3.0 * eye - z @ y)
         y, z = y @ t, t @ z
-    return torch.where((err > tol)[..., None, None], z, eye)
+    return torch.where((err > tol)[..., None, None], z * c.rsqrt(), eye)
 
 
 def apply_coefficients(x: Tensor, d: Tensor, c: Tensor, e: Tensor) -> Tensor:

@@ -46,8 +46,9 @@ def test_gram_form_equals_full_matrix_form(gen, name, n, r):
     x = rand_point(gen, 2, n, r)  # a stack of two
     d = torch.randn(2, n, r, dtype=F64, generator=gen)
     lr = 0.3 / d.norm(dim=(-2, -1), keepdim=True)  # a step of norm ~0.3
-    xi = -lr * geo.project_tangent(x, d)
-    y_full = FULL[name](x, xi)
+    eta = geo.project_tangent(x, d)
+    step = geo.cayley_step_size(x, eta, lr) if name == "cayley_fp" else lr
+    y_full = FULL[name](x, -step * eta)
     k, g, h = gram.gram_pass(x, d)
     c, e, info = gram.retraction_coefficients(k, g, h, lr, name)
     y = gram.apply_coefficients(x, d, c, e)
@@ -72,6 +73,23 @@ def test_retractions_orthonormal_and_first_order(gen, name, n, r):
     # R_X(t xi) = X + t xi + O(t^2): error shrinks ~100x when t shrinks 10x
     assert errs[1] < errs[0] / 30
     assert errs[0] < 5e-4 * max(1, r)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0])
+def test_cayley_step_size_clips_large_steps(gen, scale):
+    x = rand_point(gen, 2, 25, 4)
+    d = scale * torch.randn(2, 25, 4, dtype=F64, generator=gen)
+    eta = geo.project_tangent(x, d)
+    t = geo.cayley_step_size(x, eta, 0.5)
+    pxi = eta - 0.5 * x @ (x.mT @ eta)
+    w = pxi @ x.mT - x @ pxi.mT
+    w_norm = torch.linalg.matrix_norm(w)[..., None, None]
+    assert torch.allclose(t, torch.clamp(1.0 / w_norm, max=0.5), rtol=1e-12)
+    k, g, h = gram.gram_pass(x, d)
+    assert torch.allclose(gram.cayley_step_size(k, g, h, torch.tensor(0.5, dtype=F64)), t, rtol=1e-10)
+    # with the clipped step the fixed point stays near the manifold even for huge directions
+    y = geo.retract_cayley_fixed_point(x, -t * eta, 2)
+    assert geo.orthogonality_error(y).max() < 0.05
 
 
 def test_cayley_direct_equals_woodbury(gen):

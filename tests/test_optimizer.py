@@ -78,11 +78,8 @@ def test_backend_matches_reference(gen, backend, retraction, dtype, tol):
     opt_ref = StiefelAdamW([{"params": factors, "stiefel": True}], backend="reference", **kw)
     opt_fast = StiefelAdamW([{"params": twins, "stiefel": True}], backend=backend, **kw)
     for _ in range(8):
-        for opt, fs in ((opt_ref, factors), (opt_fast, twins)):
-            opt.zero_grad()
-            # identical gradients: computed on the reference iterate, copied
-            pass
-        grads = []
+        # identical gradients: computed on the reference iterate, copied to the twin
+        opt_ref.zero_grad()
         loss_fn().backward()
         for f, t in zip(factors, twins):
             t.grad = f.grad.clone()
@@ -104,7 +101,6 @@ def test_backend_trajectory_close_over_many_steps(gen, retraction):
     twins = [f.detach().clone().requires_grad_() for f in factors]
     opt_ref = StiefelAdamW([{"params": factors, "stiefel": True}], lr=1e-2, retraction=retraction, backend="reference")
     opt_fast = StiefelAdamW([{"params": twins, "stiefel": True}], lr=1e-2, retraction=retraction, backend="torch")
-    _, loss_twin = None, None
     for _ in range(100):
         opt_ref.zero_grad()
         loss_fn().backward()

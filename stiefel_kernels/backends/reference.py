@@ -9,6 +9,9 @@ retractions of :mod:`stiefel_kernels.geometry` and AdamW's moment semantics:
     D = (m / (1 - beta1^t)) / (sqrt(v) / sqrt(1 - beta2^t) + eps)
     xi = -lr P_X(D);   X <- R_X(xi)
 
+For ``cayley_fp`` the step is ``min(lr, 1/||W(P_X(D))||_F)`` (:func:`geometry.cayley_step_size`),
+as in Li, Li & Todorovic (2020), so the fixed-point iteration contracts.
+
 No weight decay (a Stiefel factor has fixed norm). Cayley retractions preserve ``X^T X``, so
 drift is corrected: where ``||X^T X - I||_F > drift_tol`` the new point is multiplied on the
 right by ``(X^T X)^(-1/2)``.
@@ -72,7 +75,9 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         d = (m / bias_correction1) / (v.sqrt() / bias_correction2_sqrt + hp.eps)
 
         x = geometry.as_column_form(p).to(work)
-        xi = -hp.lr * geometry.project_tangent(x, geometry.as_column_form(d))
+        eta = geometry.project_tangent(x, geometry.as_column_form(d))
+        lr = geometry.cayley_step_size(x, eta, hp.lr) if hp.retraction == "cayley_fp" else hp.lr
+        xi = -lr * eta
         y = retract(x, xi, hp)
         geometry.as_column_form(p).copy_(y)
     return None
