@@ -289,8 +289,7 @@ class StiefelAdamW(Optimizer):
                 [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
                 [s["step"] for s in states], hp)
-            if failures is not None:
-                failures = failures.detach().to("cpu", non_blocking=True) if failures.device.type != "cpu" else failures
+            if failures is not None:  # stays on the device: read only by retraction_failures
                 self._retraction_failures = (failures if self._retraction_failures is None
                                              else self._retraction_failures + failures)
 
