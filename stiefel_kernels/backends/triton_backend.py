@@ -8,7 +8,8 @@ Per bucket of a parameter group (same shape, dtype, device and gradient dtype), 
    fixed-order ``sum`` over chunks (deterministic, no atomics);
 2. small step: :func:`stiefel_kernels.gram.retraction_coefficients` (and
    :func:`~stiefel_kernels.gram.drift_correction` for the Cayley retractions) in batched torch
-   ops on the ``r x r`` matrices;
+   ops on the ``r x r`` matrices, once for all buckets of equal rank (the ``r x r`` math does
+   not depend on ``n``: LoRA's ``r x 4096`` and ``r x 11008`` factors share one small step);
 3. pass 2 (one launch): ``D`` recomputed by the same jit helper, ``p = X C + D E`` in place.
 
 Factors are addressed through ``int64`` arrays of ``data_ptr()`` values (cached per bucket), so
@@ -19,7 +20,8 @@ corrections are runtime arguments: changing ``lr`` or the step never recompiles.
 No host synchronization: bias corrections come from the CPU step counters; the count of failed
 ``r x r`` factorizations stays on the device.
 
-The bucket step is registered as the custom op ``torch.ops.stiefel_kernels.triton_stiefel_step``
+The step of a group (all its buckets on one device) is registered as the custom op
+``torch.ops.stiefel_kernels.triton_stiefel_step``
 (``torch.library.custom_op`` with its mutated arguments declared and a fake kernel), so a step
 can sit inside ``torch.compile``d code as one opaque op. ``torch.library.triton_op`` is not used:
 its mutation analysis looks at the tensor arguments of the kernels, and these kernels reach the
@@ -204,88 +206,116 @@ def pass2(ptrs: Tensor, shape, p_dtype: torch.dtype, bc: Tensor, coef: Tensor,
         R_PAD=cfg["R_PAD"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
 
 
-def _bucket_step_impl(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                      exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], bc: Tensor,
-                      lr: float, beta1: float, beta2: float, eps: float, maximize: bool,
-                      retraction: str, cayley_iters: int, ns_steps: int,
-                      drift_tol: float) -> Tensor:
+def _runs(params: list[Tensor], grads: list[Tensor]) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of consecutive factors that form one bucket (same shape, dtype,
+    gradient dtype); :func:`step` orders the lists so that buckets are contiguous."""
+    runs, start = [], 0
+    for i in range(1, len(params) + 1):
+        if i == len(params) or (params[i].shape, params[i].dtype, grads[i].dtype) != (
+                params[start].shape, params[start].dtype, grads[start].dtype):
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+def _group_step_impl(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                     exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], bc: Tensor,
+                     lr: float, beta1: float, beta2: float, eps: float, maximize: bool,
+                     retraction: str, cayley_iters: int, ns_steps: int,
+                     drift_tol: float) -> Tensor:
+    """Pass 1 per bucket, one small step for all buckets of equal rank, pass 2 per bucket.
+
+    ``bc`` is ``(2, F)`` fp32 (``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` per matrix, in order)."""
     hp = StiefelHyperparams(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                             amsgrad=len(max_exp_avg_sqs) > 0, maximize=maximize,
                             retraction=retraction, cayley_iters=cayley_iters, ns_steps=ns_steps,
                             drift_tol=drift_tol)
-    p0 = params[0]
-    shape = p0.shape
-    num = len(params) * (p0.numel() // (shape[-2] * shape[-1]))
-    n, r, _, _ = _orientation(shape)
-    cfg = launch_config(n, r, num, p0.device)
-    ptrs = pointer_array([params, grads, exp_avgs, exp_avg_sqs,
-                          max_exp_avg_sqs if hp.amsgrad else None], p0.device)
-    grams = pass1(ptrs, shape, p0.dtype, grads[0].dtype, bc, hp, cfg, num)
-    coef, failures = small_step(grams, hp, cfg["R_PAD"])
-    pass2(ptrs, shape, p0.dtype, bc, coef, hp, cfg, num)
+    device = params[0].device
+    launches = []  # (ptrs, shape, p dtype, bc slice, cfg, num)
+    grams_by_rank: dict[int, list[Tensor]] = defaultdict(list)
+    offset = 0
+    for start, stop in _runs(params, grads):
+        p0 = params[start]
+        shape = p0.shape
+        num = (stop - start) * (p0.numel() // (shape[-2] * shape[-1]))
+        n, r, _, _ = _orientation(shape)
+        cfg = launch_config(n, r, num, device)
+        ptrs = pointer_array([params[start:stop], grads[start:stop], exp_avgs[start:stop],
+                              exp_avg_sqs[start:stop],
+                              max_exp_avg_sqs[start:stop] if hp.amsgrad else None], device)
+        bcs = bc[:, offset:offset + num]
+        offset += num
+        grams_by_rank[r].append(pass1(ptrs, shape, p0.dtype, grads[start].dtype, bcs, hp, cfg, num))
+        launches.append((ptrs, shape, p0.dtype, bcs, cfg, num, r, len(grams_by_rank[r]) - 1))
+    coefs, failures = {}, torch.zeros((), dtype=torch.int32, device=device)
+    for r, grams in grams_by_rank.items():
+        r_pad = max(16, _next_pow2(r))
+        coef, count = small_step(grams[0] if len(grams) == 1 else torch.cat(grams), hp, r_pad)
+        coefs[r] = coef.split([g.shape[0] for g in grams])
+        failures = failures + count
+    for ptrs, shape, p_dtype, bcs, cfg, num, r, j in launches:
+        pass2(ptrs, shape, p_dtype, bcs, coefs[r][j], hp, cfg, num)
     return failures
 
 
-_bucket_step = _bucket_step_impl
+_group_step = _group_step_impl
 try:
-    _bucket_step = torch.library.custom_op(
+    _group_step = torch.library.custom_op(
         "stiefel_kernels::triton_stiefel_step",
         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
-    )(_bucket_step_impl)
+    )(_group_step_impl)
 
-    @_bucket_step.register_fake
+    @_group_step.register_fake
     def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc, lr, beta1, beta2, eps,
           maximize, retraction, cayley_iters, ns_steps, drift_tol):
         return torch.empty((), dtype=torch.int32, device=params[0].device)
 except Exception:  # pragma: no cover - registration is best effort (e.g. module reloaded)
-    _bucket_step = _bucket_step_impl
+    _group_step = _group_step_impl
 
 
 # ----------------------------------------------------------------------------- backend step
-def _bucket(params: list[Tensor], grads: list[Tensor]) -> dict[tuple, list[int]]:
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        buckets[(tuple(p.shape), p.dtype, p.device, grads[i].dtype)].append(i)
-    return buckets
-
-
 @torch.no_grad()
 def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
          exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
          state_steps: list[Tensor], hp: StiefelHyperparams) -> Tensor | None:
     """One Stiefel-AdamW step over ``params`` (see :mod:`stiefel_kernels.backends`)."""
+    if not params:
+        return None
     for p in params:
         reason = unsupported_reason(p)
         if reason is not None:
             raise ValueError(f"triton backend: {reason}")
     grads = [g if g.dtype in _GRAD_DTYPES else g.to(torch.float32) for g in grads]
     grads = [g.contiguous() for g in grads]
-    failures = None
-    for idx in _bucket(params, grads).values():
-        ps = [params[i] for i in idx]
-        gs = [grads[i] for i in idx]
-        ms = [exp_avgs[i] for i in idx]
-        vs = [exp_avg_sqs[i] for i in idx]
-        maxs = [max_exp_avg_sqs[i] for i in idx] if hp.amsgrad else []
-        steps = [state_steps[i] for i in idx]
-        work = state_dtype(ps[0])
-        for t in ms + vs + maxs:
-            if t.dtype != work or t.shape != ps[0].shape or t.device != ps[0].device:
+    for i, p in enumerate(params):
+        work = state_dtype(p)
+        for t in [exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if hp.amsgrad else []):
+            if t.dtype != work or t.shape != p.shape or t.device != p.device:
                 raise ValueError(f"triton backend: optimizer state of dtype {t.dtype}, shape "
-                                 f"{tuple(t.shape)} does not fit a {ps[0].dtype} parameter of shape "
-                                 f"{tuple(ps[0].shape)} (expected {work} moments)")
-        # The kernels address contiguous matrices; anything else goes through a contiguous copy.
-        tensors = [ps, ms, vs, maxs]
-        staged = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in tensors]
-
+                                 f"{tuple(t.shape)} does not fit a {p.dtype} parameter of shape "
+                                 f"{tuple(p.shape)} (expected {work} moments)")
+    # group by device (one op each), order by bucket so that buckets are contiguous runs
+    groups: dict[torch.device, dict[tuple, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, p in enumerate(params):
+        groups[p.device][(tuple(p.shape), p.dtype, grads[i].dtype)].append(i)
+    failures = None
+    for device, buckets in groups.items():
+        idx = [i for b in buckets.values() for i in b]
+        steps = [state_steps[i] for i in idx]
         torch._foreach_add_(steps, 1)
         bc1, bc2 = bias_corrections(steps, hp.beta1, hp.beta2)
-        per = ps[0].numel() // (ps[0].shape[-2] * ps[0].shape[-1])
-        bc = torch.tensor([[b for b in bc1 for _ in range(per)], [b for b in bc2 for _ in range(per)]],
-                          dtype=torch.float32).to(ps[0].device, non_blocking=True)
-        count = _bucket_step(staged[0], gs, staged[1], staged[2], staged[3], bc, hp.lr, hp.beta1,
-                             hp.beta2, hp.eps, hp.maximize, hp.retraction, hp.cayley_iters,
-                             hp.ns_steps, hp.drift_tol)
+        per = [params[i].numel() // (params[i].shape[-2] * params[i].shape[-1]) for i in idx]
+        bc = torch.tensor([[b for b, k in zip(bc1, per) for _ in range(k)],
+                           [b for b, k in zip(bc2, per) for _ in range(k)]], dtype=torch.float32)
+        bc = bc.to(device, non_blocking=True)
+        # The kernels address contiguous matrices; anything else goes through a contiguous copy.
+        tensors = [[params[i] for i in idx], [exp_avgs[i] for i in idx],
+                   [exp_avg_sqs[i] for i in idx],
+                   [max_exp_avg_sqs[i] for i in idx] if hp.amsgrad else []]
+        staged = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in tensors]
+        count = _group_step(staged[0], [grads[i] for i in idx], staged[1], staged[2], staged[3],
+                            bc, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.maximize, hp.retraction,
+                            hp.cayley_iters, hp.ns_steps, hp.drift_tol)
         for orig, new in zip(tensors, staged):
             for t, s in zip(orig, new):
                 if s is not t:
