@@ -1,0 +1,28 @@
+// Shared declarations of the batched small-matrix ops of stiefel_kernels.
+//
+// The schemas live in module.cpp (TORCH_LIBRARY); every backend (CPU here, CUDA in csrc/cuda/
+// later) registers its kernels with TORCH_LIBRARY_IMPL and validates its arguments with the
+// checks below, so that all backends (and the fake kernels in _fake_kernels.py) reject the same
+// inputs with the same messages.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace stiefel_kernels {
+
+// Argument checks (module.cpp); TORCH_CHECK with a message naming the op.
+void check_square_batch(const at::Tensor& m, const char* op);
+void check_solve_args(const at::Tensor& a, const at::Tensor& b);
+
+// CPU kernels (ops_cpu.cpp).
+std::tuple<at::Tensor, at::Tensor> inv_sqrt_spd_cpu(const at::Tensor& m);
+std::tuple<at::Tensor, at::Tensor> cholesky_upper_inverse_cpu(const at::Tensor& m);
+std::tuple<at::Tensor, at::Tensor> solve_cpu(const at::Tensor& a, const at::Tensor& b);
+
+// info codes shared by all ops (besides the op-specific positive codes).
+constexpr int32_t kInfoNonFinite = -1;     // a NaN or Inf in the input
+constexpr int32_t kInfoNoConvergence = -2; // iterative method hit its iteration cap
+
+}  // namespace stiefel_kernels

@@ -1,0 +1,388 @@
+"""The native ops ``torch.ops.stiefel_kernels.*`` (extension ``stiefel_kernels._C``, CPU kernels).
+
+Each op is compared with its torch.linalg formulation in :mod:`stiefel_kernels.smallmat`
+evaluated in float64 on the very input the op got (a float32 input is widened exactly), on fresh
+random inputs with a condition number the test constructs. Failures must show up in ``info`` for
+exactly the bad batch entries (whose outputs are NaN), never as a silent wrong answer.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("stiefel_kernels._C", reason="native extension stiefel_kernels._C not built")
+
+from stiefel_kernels import _native, smallmat  # noqa: E402
+
+OPS = torch.ops.stiefel_kernels
+DTYPES = [torch.float32, torch.float64]
+# Relative (Frobenius) error allowed up to condition number 1e3; scaled linearly beyond.
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+# (k, batch shape): sizes 1..256, unbatched and batched, total runtime a few seconds.
+CASES = [(1, ()), (1, (7,)), (3, ()), (3, (2, 5)), (12, (6,)), (12, ()), (48, (3,)),
+         (48, (2, 2)), (128, (2,)), (128, ()), (256, ()), (256, (2,))]
+
+
+def _gen(*key) -> torch.Generator:
+    """A generator seeded from the test's parameters: fresh inputs per test, reproducible."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _orthogonal(shape, k, gen) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(*shape, k, k, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+
+
+def _spd(shape, k, cond, gen) -> torch.Tensor:
+    """Random SPD (float64) with eigenvalues log-spaced in [1, cond], shuffled."""
+    q = _orthogonal(shape, k, gen)
+    lam = torch.logspace(0, math.log10(cond), k, dtype=torch.float64)
+    lam = lam[torch.randperm(k, generator=gen)]
+    m = (q * lam.unsqueeze(-2)) @ q.mT
+    return (m + m.mT) / 2
+
+
+def _nonsingular(shape, k, cond, gen) -> torch.Tensor:
+    """Random general matrix (float64) U diag(s) V^T with singular values in [1, cond]."""
+    u, v = _orthogonal(shape, k, gen), _orthogonal(shape, k, gen)
+    s = torch.logspace(0, math.log10(cond), k, dtype=torch.float64)
+    return (u * s[torch.randperm(k, generator=gen)].unsqueeze(-2)) @ v.mT
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest per-matrix relative Frobenius error over the batch."""
+    x, ref = x.double().flatten(0, -3) if x.dim() > 2 else x.double()[None], \
+        ref.flatten(0, -3) if ref.dim() > 2 else ref[None]
+    if ref.numel() == 0:
+        return 0.0
+    return ((x - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max().item()
+
+
+def _rtol(dtype, cond) -> float:
+    return RTOL[dtype] * max(1.0, cond / 1e3)
+
+
+# ------------------------------------------------------------------------------ accuracy
+
+
+def test_all_ops_registered_for_cpu():
+    assert _native.available
+    for name in ("inv_sqrt_spd", "cholesky_upper_inverse", "solve"):
+        assert _native.has_op(name, "cpu"), name
+    from stiefel_kernels import _C
+    assert "inv_sqrt_spd" in _C.__doc__ and _C.with_cuda in (True, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,batch", CASES)
+def test_inv_sqrt_spd_matches_eigh(k, batch, dtype):
+    cond = 1e3
+    m = _spd(batch, k, cond, _gen("isq", k, batch, dtype)).to(dtype)
+    x, info = OPS.inv_sqrt_spd(m)
+    ref, ref_info = smallmat.inv_sqrt_spd_torch(m.double())
+    assert x.dtype == dtype and x.shape == m.shape
+    assert info.dtype == torch.int32 and info.shape == m.shape[:-2]
+    assert (info == 0).all() and (ref_info == 0).all()
+    assert torch.isfinite(x).all()
+    assert torch.equal(x, x.mT)  # symmetric by construction
+    assert _rel_err(x, ref) < _rtol(dtype, cond)
+    # and it is an inverse square root: X M X = I
+    eye = torch.eye(k, dtype=torch.float64)
+    assert _rel_err(x.double() @ m.double() @ x.double(), eye.expand_as(ref)) < 10 * _rtol(dtype, cond)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,batch", CASES)
+def test_cholesky_upper_inverse_matches_torch(k, batch, dtype):
+    cond = 1e3
+    m = _spd(batch, k, cond, _gen("chol", k, batch, dtype)).to(dtype)
+    x, info = OPS.cholesky_upper_inverse(m)
+    ref, ref_info = smallmat.cholesky_upper_inverse_torch(m.double())
+    assert x.dtype == dtype and x.shape == m.shape
+    assert info.dtype == torch.int32 and info.shape == m.shape[:-2]
+    assert (info == 0).all() and (ref_info == 0).all()
+    assert torch.isfinite(x).all()
+    assert torch.equal(x, x.triu())  # upper triangular, exactly
+    assert (torch.diagonal(x, dim1=-2, dim2=-1) > 0).all()
+    assert _rel_err(x, ref) < _rtol(dtype, cond)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,batch", CASES)
+def test_solve_matches_torch(k, batch, dtype):
+    cond = 1e3
+    gen = _gen("solve", k, batch, dtype)
+    a = _nonsingular(batch, k, cond, gen).to(dtype)
+    b = torch.randn(*batch, k, 3, generator=gen, dtype=torch.float64).to(dtype)
+    x, info = OPS.solve(a, b)
+    ref, ref_info = smallmat.solve_torch(a.double(), b.double())
+    assert x.dtype == dtype and x.shape == b.shape
+    assert info.dtype == torch.int32 and info.shape == a.shape[:-2]
+    assert (info == 0).all() and (ref_info == 0).all()
+    assert torch.isfinite(x).all()
+    assert _rel_err(x, ref) < _rtol(dtype, cond)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_accuracy_scales_with_condition_number(dtype):
+    """Still accurate (tolerance scaled by cond) for cond 1e5 (fp32) / 1e9 (fp64)."""
+    cond = 1e5 if dtype == torch.float32 else 1e9
+    gen, k = _gen("cond", dtype), 24
+    m = _spd((4,), k, cond, gen).to(dtype)
+    a = _nonsingular((4,), k, cond, gen).to(dtype)
+    b = torch.randn(4, k, 2, generator=gen, dtype=dtype)
+    for (x, info), (ref, _) in [
+        (OPS.inv_sqrt_spd(m), smallmat.inv_sqrt_spd_torch(m.double())),
+        (OPS.cholesky_upper_inverse(m), smallmat.cholesky_upper_inverse_torch(m.double())),
+        (OPS.solve(a, b), smallmat.solve_torch(a.double(), b.double())),
+    ]:
+        assert (info == 0).all()
+        assert _rel_err(x, ref) < _rtol(dtype, cond)
+
+
+@pytest.mark.parametrize("ncols", [1, 17])
+def test_solve_column_counts_and_broadcasting(ncols):
+    gen, k = _gen("bcast", ncols), 9
+    a = _nonsingular((3, 1), k, 10.0, gen)
+    b = torch.randn(4, k, ncols, generator=gen, dtype=torch.float64)
+    x, info = OPS.solve(a, b)
+    ref, _ = torch.linalg.solve_ex(a, b)
+    assert x.shape == (3, 4, k, ncols) and info.shape == (3, 4) and (info == 0).all()
+    assert _rel_err(x, ref) < 1e-12
+    x1, info1 = OPS.solve(a[0, 0], b)  # unbatched a, batched b
+    assert x1.shape == (4, k, ncols) and info1.shape == (4,)
+    assert _rel_err(x1, torch.linalg.solve(a[0, 0], b)) < 1e-12
+
+
+def test_noncontiguous_inputs_and_lower_triangle_semantics():
+    gen, k = _gen("strides"), 10
+    m = _spd((3,), k, 50.0, gen)
+    mt = m.transpose(0, 2).contiguous().transpose(0, 2)  # same values, other strides
+    assert not mt.is_contiguous()
+    for op in (OPS.inv_sqrt_spd, OPS.cholesky_upper_inverse):
+        assert torch.equal(op(mt)[0], op(m)[0])
+        # like torch.linalg (UPLO='L'), only the lower triangle is read
+        junk = m.tril() + torch.randn(3, k, k, generator=gen, dtype=torch.float64).triu(1)
+        assert torch.equal(op(junk)[0], op(m)[0])
+    a = _nonsingular((3,), k, 10.0, gen)
+    b = torch.randn(3, 5, k, generator=gen, dtype=torch.float64).mT  # non-contiguous b
+    assert _rel_err(OPS.solve(a.mT, b)[0], torch.linalg.solve(a.mT, b)) < 1e-12
+
+
+def test_empty_batch():
+    for dtype in DTYPES:
+        m = torch.empty(0, 4, 4, dtype=dtype)
+        for x, info in (OPS.inv_sqrt_spd(m), OPS.cholesky_upper_inverse(m),
+                        OPS.solve(m, torch.empty(0, 4, 2, dtype=dtype))):
+            assert x.shape[0] == 0 and info.shape == (0,) and info.dtype == torch.int32
+
+
+def test_thread_count_does_not_change_results():
+    gen, k = _gen("threads"), 16
+    m = _spd((64,), k, 100.0, gen)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = OPS.inv_sqrt_spd(m)[0], OPS.cholesky_upper_inverse(m)[0], OPS.solve(m, m)[0]
+        torch.set_num_threads(max(2, old))
+        many = OPS.inv_sqrt_spd(m)[0], OPS.cholesky_upper_inverse(m)[0], OPS.solve(m, m)[0]
+    finally:
+        torch.set_num_threads(old)
+    for x, y in zip(one, many):
+        assert torch.equal(x, y)
+
+
+# ------------------------------------------------------------------------------ failures
+
+BAD = (1, 4)  # bad batch entries among 6
+
+
+def _check_flags(x, info, bad=BAD):
+    """info nonzero exactly at ``bad``; those outputs NaN, the others finite."""
+    mask = torch.zeros(info.shape, dtype=torch.bool)
+    mask[list(bad)] = True
+    assert (info[mask] != 0).all(), info
+    assert (info[~mask] == 0).all(), info
+    assert torch.isnan(x[mask]).all()
+    assert torch.isfinite(x[~mask]).all()
+
+
+def _pd_with_negative_pivot(k, p, gen):
+    """L D L^T with unit lower L and D[p] < 0: leading minors 1..p are PD, minor p+1 is not."""
+    low = torch.randn(k, k, generator=gen, dtype=torch.float64).tril(-1) * 0.3 + torch.eye(k, dtype=torch.float64)
+    d = torch.rand(k, generator=gen, dtype=torch.float64) + 0.5
+    d[p] = -d[p]
+    return (low * d) @ low.T
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_inv_sqrt_spd_flags_exactly_the_bad_entries(k, dtype):
+    gen = _gen("isq-bad", k, dtype)
+    m = _spd((6,), k, 10.0, gen)
+    q = _orthogonal((), k, gen)
+    nneg = min(2, k)
+    lam = torch.linspace(1, 2, k, dtype=torch.float64)
+    lam[:nneg] = -lam[:nneg]
+    m[1] = (q * lam) @ q.T  # indefinite: nneg negative eigenvalues
+    eps = torch.finfo(dtype).eps
+    lam = torch.linspace(1, 2, k, dtype=torch.float64)
+    lam[0] = 1e-3 * eps  # numerically singular for this dtype
+    m[4] = (q * lam) @ q.T
+    if k == 1:
+        m[4] = 0.0  # a lone tiny eigenvalue is well conditioned (the test is scale-invariant)
+    x, info = OPS.inv_sqrt_spd(m.to(dtype))
+    _check_flags(x, info)
+    assert info[1] == nneg  # counts the non-positive eigenvalues, like the eigh formulation
+    ref, _ = smallmat.inv_sqrt_spd_torch(m.to(dtype).double())
+    good = [0, 2, 3, 5]
+    assert _rel_err(x[good], ref[good]) < _rtol(dtype, 10.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_cholesky_flags_exactly_the_bad_entries(k, dtype):
+    gen = _gen("chol-bad", k, dtype)
+    m = _spd((6,), k, 10.0, gen)
+    p = k // 2
+    m[1] = _pd_with_negative_pivot(k, p, gen)
+    m[4] = 0.0
+    m[4, ..., 0, 0] = 1.0  # PSD, singular: second pivot is zero (or first when k == 1)
+    if k == 1:
+        m[4] = 0.0
+    x, info = OPS.cholesky_upper_inverse(m.to(dtype))
+    _check_flags(x, info)
+    assert info[1].item() == p + 1  # LAPACK potrf convention: order of the failing minor
+    assert info[1].item() == torch.linalg.cholesky_ex(m[1]).info.item()
+    assert info[4].item() == (1 if k == 1 else 2)
+    ref, _ = smallmat.cholesky_upper_inverse_torch(m.to(dtype).double())
+    good = [0, 2, 3, 5]
+    assert _rel_err(x[good], ref[good]) < _rtol(dtype, 10.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_solve_flags_exactly_the_bad_entries(k, dtype):
+    gen = _gen("solve-bad", k, dtype)
+    a = _nonsingular((6,), k, 10.0, gen)
+    b = torch.randn(6, k, 3, generator=gen, dtype=torch.float64)
+    if k == 1:
+        a[1] = 0.0
+    else:
+        a[1, k - 1] = a[1, 0]  # two equal rows: exactly singular
+    a[4] = torch.outer(torch.randn(k, generator=gen, dtype=torch.float64),
+                       torch.randn(k, generator=gen, dtype=torch.float64))  # rank one
+    if k > 1:
+        a[4, 0, 0] += 1e-3 * torch.finfo(dtype).eps * a[4].abs().max()  # within rounding of rank one
+    else:
+        a[4] = 0.0
+    x, info = OPS.solve(a.to(dtype), b.to(dtype))
+    _check_flags(x, info)
+    assert (info[[1, 4]] > 0).all()  # 1-based index of the failing pivot
+    ref, _ = smallmat.solve_torch(a.to(dtype).double(), b.to(dtype).double())
+    good = [0, 2, 3, 5]
+    assert _rel_err(x[good], ref[good]) < _rtol(dtype, 10.0)
+
+
+@pytest.mark.parametrize("where", ["nan", "inf"])
+def test_non_finite_inputs_give_info_minus_one(where):
+    gen, k = _gen("nonfinite", where), 6
+    bad = float("nan") if where == "nan" else float("inf")
+    m = _spd((6,), k, 10.0, gen)
+    m[1, 3, 2] = bad  # lower triangle: read by every op
+    m[4, 0, 0] = bad
+    b = torch.randn(6, k, 2, generator=gen, dtype=torch.float64)
+    for x, info in (OPS.inv_sqrt_spd(m), OPS.cholesky_upper_inverse(m), OPS.solve(m, b)):
+        _check_flags(x, info)
+        assert (info[list(BAD)] == -1).all()
+    b[2, 0, 1] = bad  # a bad right-hand side fails that entry of solve too
+    x, info = OPS.solve(m, b)
+    _check_flags(x, info, bad=(1, 2, 4))
+
+
+# ------------------------------------------------------------------------------ argument checks
+
+
+@pytest.mark.parametrize("op", ["inv_sqrt_spd", "cholesky_upper_inverse"])
+def test_bad_arguments_raise_clear_errors(op):
+    f = getattr(OPS, op)
+    with pytest.raises(RuntimeError, match=f"stiefel_kernels::{op}: expected a .*at least 2 dims"):
+        f(torch.ones(3))
+    with pytest.raises(RuntimeError, match="square"):
+        f(torch.ones(2, 3, 4))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        f(torch.eye(3, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        f(torch.eye(3, dtype=torch.int64))
+
+
+def test_solve_bad_arguments_raise_clear_errors():
+    a = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="square"):
+        OPS.solve(torch.ones(3, 4, dtype=torch.float64), torch.ones(3, 1, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="must have 3 rows"):
+        OPS.solve(a, torch.ones(4, 2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="at least 2 dims"):
+        OPS.solve(a, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="same dtype"):
+        OPS.solve(a, torch.ones(3, 2, dtype=torch.float32))
+    with pytest.raises(RuntimeError):  # batch dims that do not broadcast
+        OPS.solve(a.expand(2, 3, 3), torch.ones(5, 3, 2, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------ torch.compile
+
+
+def _opcheck_args():
+    gen = _gen("opcheck")
+    for shape, k, dtype in [((), 4, torch.float64), ((3,), 5, torch.float32), ((2, 2), 3, torch.float64)]:
+        m = _spd(shape, k, 10.0, gen).to(dtype)
+        b = torch.randn(*shape, k, 2, generator=gen, dtype=torch.float64).to(dtype)
+        yield m, b
+
+
+@pytest.mark.parametrize("name", ["inv_sqrt_spd", "cholesky_upper_inverse", "solve"])
+def test_opcheck(name):
+    op = getattr(OPS, name).default
+    for m, b in _opcheck_args():
+        args = (m, b) if name == "solve" else (m,)
+        torch.library.opcheck(op, args)
+
+
+def test_meta_shapes():
+    m = torch.empty(2, 3, 5, 5, device="meta")
+    x, info = OPS.inv_sqrt_spd(m)
+    assert x.shape == m.shape and info.shape == (2, 3) and info.dtype == torch.int32
+    x, info = OPS.cholesky_upper_inverse(m)
+    assert x.shape == m.shape and info.shape == (2, 3)
+    x, info = OPS.solve(m, torch.empty(3, 5, 7, device="meta"))
+    assert x.shape == (2, 3, 5, 7) and info.shape == (2, 3)
+    with pytest.raises(RuntimeError, match="square"):
+        OPS.inv_sqrt_spd(torch.empty(2, 3, 4, device="meta"))
+
+
+def _step(m, b):
+    x, i1 = OPS.inv_sqrt_spd(m)
+    r, i2 = OPS.cholesky_upper_inverse(m)
+    y, i3 = OPS.solve(m, b)
+    return x, i1, r, i2, y, i3
+
+
+@pytest.mark.parametrize("backend,dynamic", [("inductor", False), ("aot_eager", True)])
+def test_torch_compile_fullgraph(backend, dynamic):
+    """Traces through the fake kernels; inductor calls the ops as extern kernels."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_step, fullgraph=True, backend=backend, dynamic=dynamic)
+    gen = _gen("compile", backend)
+    for batch, k in [((4,), 6), ((2, 3), 5)]:
+        m = _spd(batch, k, 10.0, gen).float()
+        b = torch.randn(*batch, k, 3, generator=gen)
+        out, ref = compiled(m, b), _step(m, b)
+        for o, r in zip(out, ref):
+            assert o.shape == r.shape and o.dtype == r.dtype
+            torch.testing.assert_close(o, r, rtol=0, atol=0)
