@@ -53,6 +53,12 @@ _PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 _GRAD_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 
 
+#: precision of the G, H and pass-2 products (K is always "ieee"); "tf32x3" is the faster option
+DOT_PRECISION = os.environ.get("STIEFEL_KERNELS_TRITON_DOT", "ieee")
+if DOT_PRECISION not in ("ieee", "tf32x3"):
+    raise ImportError(f"STIEFEL_KERNELS_TRITON_DOT must be 'ieee' or 'tf32x3', got {DOT_PRECISION!r}")
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -177,7 +183,7 @@ def pass1(ptrs: Tensor, shape, p_dtype: torch.dtype, g_dtype: torch.dtype, bc: T
         1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, hp.eps,
         P_DT=_PARAM_DTYPES[p_dtype], G_DT=_GRAD_DTYPES[g_dtype], S_DT=tl.float32,
         AMSGRAD=hp.amsgrad, MAXIMIZE=hp.maximize,
-        R_PAD=r_pad, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+        R_PAD=r_pad, BLOCK_N=cfg["BLOCK_N"], DOT_PREC=DOT_PRECISION, num_warps=cfg["num_warps"])
     return partials.sum(dim=1)[..., :r, :r]
 
 
@@ -203,7 +209,8 @@ def pass2(ptrs: Tensor, shape, p_dtype: torch.dtype, bc: Tensor, coef: Tensor,
         ptrs, bc[0], bc[1], coef,
         num_factors, n, r, s_n, s_r, cfg["rows_per_chunk"], hp.eps,
         P_DT=_PARAM_DTYPES[p_dtype], S_DT=tl.float32, AMSGRAD=hp.amsgrad,
-        R_PAD=cfg["R_PAD"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+        R_PAD=cfg["R_PAD"], BLOCK_N=cfg["BLOCK_N"], DOT_PREC=DOT_PRECISION,
+        num_warps=cfg["num_warps"])
 
 
 def _runs(params: list[Tensor], grads: list[Tensor]) -> list[tuple[int, int]]:

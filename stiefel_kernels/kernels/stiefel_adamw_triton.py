@@ -13,6 +13,10 @@ transpose, so both orientations are read in place.
   (:func:`_direction`) and writes ``p = X + X (C - I) + D E`` (the identity is taken out of
   ``C`` so the product only carries the small update).
 
+``DOT_PREC`` (``"ieee"`` by default: fp32 FMA) selects the precision of the ``G``, ``H`` and
+pass-2 products; ``"tf32x3"`` (three TF32 tensor-core products, about fp32 accurate) is the
+faster option to measure on a GPU. ``K`` is always ``"ieee"``.
+
 Pointer arrays ``ptrs`` have shape ``(5, F)``: rows are param, grad, exp_avg, exp_avg_sq,
 max_exp_avg_sq (the last row is unused without AMSGrad). Hyper-parameters and the per-factor
 bias corrections are runtime values (no recompilation when ``lr`` or the step changes).
@@ -56,10 +60,11 @@ def stiefel_pass1_kernel(
     beta1_c, beta2, beta2_c, eps,
     P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr = "ieee",
 ):
     """Grid ``(F, num_chunks)``: program ``(f, c)`` owns rows ``[c * rows_per_chunk, ...)`` of
-    factor ``f``. ``beta1_c = 1 - beta1``, ``beta2_c = 1 - beta2``."""
+    factor ``f``. ``beta1_c = 1 - beta1``, ``beta2_c = 1 - beta2``. ``K`` is always accumulated
+    with ``input_precision="ieee"``; ``DOT_PREC`` applies to ``G`` and ``H``."""
     f = tl.program_id(0)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
@@ -101,8 +106,8 @@ def stiefel_pass1_kernel(
         d = tl.where(mask, _direction(m, v, bc1, bc2_sqrt, eps), 0.0)
         xt = tl.trans(x)
         acc_k += tl.dot(xt, x, input_precision="ieee")
-        acc_g += tl.dot(xt, d, input_precision="ieee")
-        acc_h += tl.dot(tl.trans(d), d, input_precision="ieee")
+        acc_g += tl.dot(xt, d, input_precision=DOT_PREC)
+        acc_h += tl.dot(tl.trans(d), d, input_precision=DOT_PREC)
 
     rr = tl.arange(0, R_PAD)
     tile = rr[:, None] * R_PAD + rr[None, :]
@@ -117,7 +122,7 @@ def stiefel_pass2_kernel(
     ptrs, bc1_ptr, bc2_ptr, coef_ptr,
     F, n, r, stride_n, stride_r, rows_per_chunk, eps,
     P_DT: tl.constexpr, S_DT: tl.constexpr, AMSGRAD: tl.constexpr,
-    R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr = "ieee",
 ):
     """Grid ``(F, num_chunks)``. ``coef`` is ``(F, 2, R_PAD, R_PAD)`` fp32: ``C - I`` and ``E``,
     zero-padded. Writes ``p = X + X (C - I) + D E`` in place (row ``i`` of the new point depends
@@ -152,5 +157,5 @@ def stiefel_pass2_kernel(
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
         d = tl.where(mask, _direction(m, v, bc1, bc2_sqrt, eps), 0.0)
-        y = x + (tl.dot(x, c_m, input_precision="ieee") + tl.dot(d, e, input_precision="ieee"))
+        y = x + (tl.dot(x, c_m, input_precision=DOT_PREC) + tl.dot(d, e, input_precision=DOT_PREC))
         tl.store(p_ptr + offs, _round_to(y, P_DT), mask=mask)
