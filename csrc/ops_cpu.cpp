@@ -251,6 +251,7 @@ STIEFEL_HOT void inv_sqrt_from_eigh(double* vt, const double* w, double* a, int6
 template <typename T>
 int32_t inv_sqrt_spd_one(const T* m, T* out, int64_t k, double* a, double* vt, double* w,
                          double* e) {
+  if (k == 0) return 0;  // tred2 / tql2 index row n - 1
   if (!all_finite_lower(m, k)) {
     fill_nan(out, k * k);
     return kInfoNonFinite;

@@ -54,10 +54,8 @@ def _nonsingular(shape, k, cond, gen) -> torch.Tensor:
 
 def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest per-matrix relative Frobenius error over the batch."""
-    x, ref = x.double().flatten(0, -3) if x.dim() > 2 else x.double()[None], \
-        ref.flatten(0, -3) if ref.dim() > 2 else ref[None]
-    if ref.numel() == 0:
-        return 0.0
+    x = x.double().reshape(-1, *x.shape[-2:])
+    ref = ref.double().reshape(-1, *ref.shape[-2:])
     return ((x - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max().item()
 
 
@@ -172,12 +170,16 @@ def test_noncontiguous_inputs_and_lower_triangle_semantics():
     assert _rel_err(OPS.solve(a.mT, b)[0], torch.linalg.solve(a.mT, b)) < 1e-12
 
 
-def test_empty_batch():
+def test_empty_batch_and_empty_matrices():
     for dtype in DTYPES:
         m = torch.empty(0, 4, 4, dtype=dtype)
         for x, info in (OPS.inv_sqrt_spd(m), OPS.cholesky_upper_inverse(m),
                         OPS.solve(m, torch.empty(0, 4, 2, dtype=dtype))):
             assert x.shape[0] == 0 and info.shape == (0,) and info.dtype == torch.int32
+        m = torch.empty(3, 0, 0, dtype=dtype)  # k = 0, as torch.linalg allows
+        for x, info in (OPS.inv_sqrt_spd(m), OPS.cholesky_upper_inverse(m),
+                        OPS.solve(m, torch.empty(3, 0, 2, dtype=dtype))):
+            assert x.shape[0] == 3 and x.numel() == 0 and torch.equal(info, torch.zeros(3, dtype=torch.int32))
 
 
 def test_thread_count_does_not_change_results():
