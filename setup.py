@@ -75,6 +75,12 @@ class CMakeBuild(build_ext):
         out_dir = os.path.dirname(ext_path)
         ext_suffix = os.path.basename(ext_path)[len(ext.name.rsplit(".", 1)[-1]):]
         build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake"))
+        # CMake caches what it found (torch's libraries, Python): start afresh when the build
+        # tree was configured for another interpreter or torch.
+        key = f"{sys.executable}\n{os.path.dirname(torch.__file__)}\n{torch.__version__}\n"
+        stamp = os.path.join(build_dir, "stiefel_build_key.txt")
+        if os.path.isdir(build_dir) and (not os.path.exists(stamp) or open(stamp).read() != key):
+            shutil.rmtree(build_dir)
         os.makedirs(build_dir, exist_ok=True)
         os.makedirs(out_dir, exist_ok=True)
 
@@ -96,6 +102,8 @@ class CMakeBuild(build_ext):
         args += shlex.split(os.environ.get("CMAKE_ARGS", ""))
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.run(args, check=True)
+        with open(stamp, "w") as f:
+            f.write(key)
         subprocess.run([cmake, "--build", build_dir, "--config", cfg, "-j", jobs], check=True)
         if not os.path.exists(ext_path):
             raise RuntimeError(f"CMake finished but {ext_path} was not produced")
