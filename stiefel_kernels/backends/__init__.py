@@ -23,7 +23,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["StiefelHyperparams", "Backend", "register_backend", "get_backend",
+__all__ = ["StiefelHyperparams", "Backend", "FunctionBackend", "register_backend", "get_backend",
            "available_backends", "auto_backend", "resolve_backend", "ENV_VAR"]
 
 ENV_VAR = "STIEFEL_KERNELS_BACKEND"
@@ -53,6 +53,15 @@ class Backend(Protocol):
     def step(self, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
              exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
              state_steps: list[Tensor], hp: StiefelHyperparams) -> Tensor | None: ...
+
+
+@dataclass(frozen=True)
+class FunctionBackend:
+    """A :class:`Backend` made of a module's two functions (how the built-in ones are written)."""
+
+    name: str
+    unsupported_reason: Callable[[Tensor], "str | None"]
+    step: Callable[..., "Tensor | None"]
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import geometry
-from . import StiefelHyperparams, state_dtype
+from . import FunctionBackend, StiefelHyperparams, state_dtype
 
 name = "reference"
 
@@ -83,10 +83,4 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     return None
 
 
-class _Reference:
-    name = name
-    unsupported_reason = staticmethod(unsupported_reason)
-    step = staticmethod(step)
-
-
-BACKEND = _Reference()
+BACKEND = FunctionBackend(name, unsupported_reason, step)

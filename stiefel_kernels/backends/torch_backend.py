@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import geometry, gram
-from . import StiefelHyperparams, bias_corrections, state_dtype
+from . import FunctionBackend, StiefelHyperparams, bias_corrections, state_dtype
 
 name = "torch"
 
@@ -91,10 +91,4 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     return failures
 
 
-class _Torch:
-    name = name
-    unsupported_reason = staticmethod(unsupported_reason)
-    step = staticmethod(step)
-
-
-BACKEND = _Torch()
+BACKEND = FunctionBackend(name, unsupported_reason, step)
