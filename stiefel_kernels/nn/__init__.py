@@ -1,0 +1,30 @@
+"""Modules: StelLA adapters (:mod:`.stella`) and factorized attention / a small GPT
+(:mod:`.factorized_attention`)."""
+from .factorized_attention import (
+    GPT,
+    FactorizedCausalSelfAttention,
+    GPTConfig,
+    param_groups,
+    stiefel_parameters,
+)
+from .stella import (
+    StelLALinear,
+    inject_stella,
+    load_stella_adapters,
+    load_stella_state_dict,
+    make_stella_optimizer,
+    merge_stella,
+    save_stella_adapters,
+    stella_modules,
+    stella_parameters,
+    stella_riemannian_params,
+    stella_state_dict,
+    unmerge_stella,
+)
+
+__all__ = [
+    "StelLALinear", "inject_stella", "stella_modules", "stella_parameters", "stella_riemannian_params",
+    "make_stella_optimizer", "merge_stella", "unmerge_stella", "stella_state_dict",
+    "load_stella_state_dict", "save_stella_adapters", "load_stella_adapters",
+    "FactorizedCausalSelfAttention", "GPTConfig", "GPT", "stiefel_parameters", "param_groups",
+]
