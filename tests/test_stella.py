@@ -156,3 +156,12 @@ def test_inject_errors_and_no_double_injection():
     assert len(first) == 2
     with pytest.raises(ValueError, match="matches"):  # adapted layers are not adapted twice
         inject_stella(model, lambda n: n.endswith("up") or n.endswith("up.base"), r=2)
+
+
+def test_peft_factory_clear_import_error(monkeypatch):
+    import sys
+
+    from stiefel_kernels.integrations.peft import create_stiefel_adamw
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    with pytest.raises(ImportError, match=r"stiefel_kernels\[peft\]"):
+        create_stiefel_adamw(nn.Linear(2, 2))
