@@ -6,10 +6,15 @@ Per bucket of a parameter group (same shape, dtype, device and gradient dtype), 
 1. pass 1 (:func:`~stiefel_kernels.kernels.stiefel_adamw_triton.stiefel_pass1_kernel`, one
    launch): moments in place, ``D``, per-chunk Gram partials of ``K, G, H`` in fp32; then a
    fixed-order ``sum`` over chunks (deterministic, no atomics);
-2. small step: :func:`stiefel_kernels.gram.retraction_coefficients` (and
+2. small step, once for all buckets of equal rank (the ``r x r`` math does not depend on ``n``:
+   LoRA's ``r x 4096`` and ``r x 11008`` factors share one small step): for ``cayley_fp`` and
+   ``newton_schulz`` (matrix products only) one launch of
+   :func:`~stiefel_kernels.kernels.small_step_triton.small_step_kernel` (one program per factor,
+   drift correction folded in) up to rank :data:`SMALL_STEP_MAX_RANK`; otherwise (``qr``,
+   ``polar``, ``cayley`` need factorizations; larger ranks)
+   :func:`stiefel_kernels.gram.retraction_coefficients` (and
    :func:`~stiefel_kernels.gram.drift_correction` for the Cayley retractions) in batched torch
-   ops on the ``r x r`` matrices, once for all buckets of equal rank (the ``r x r`` math does
-   not depend on ``n``: LoRA's ``r x 4096`` and ``r x 11008`` factors share one small step);
+   ops on the ``r x r`` matrices;
 3. pass 2 (one launch): ``D`` recomputed by the same jit helper, ``p = X C + D E`` in place.
 
 Factors are addressed through ``int64`` arrays of ``data_ptr()`` values (cached per bucket), so
@@ -44,6 +49,7 @@ import triton.language as tl
 
 from .. import gram
 from ..kernels.stiefel_adamw_triton import stiefel_pass1_kernel, stiefel_pass2_kernel
+from ..kernels.small_step_triton import CAYLEY_FP, NEWTON_SCHULZ, small_step_kernel
 from . import StiefelHyperparams, bias_corrections, state_dtype
 
 name = "triton"
@@ -188,15 +194,59 @@ def pass1(ptrs: Tensor, shape, p_dtype: torch.dtype, g_dtype: torch.dtype, bc: T
     return grams[..., :r, :r]
 
 
-def small_step(grams: Tensor, hp: StiefelHyperparams, r_pad: int) -> tuple[Tensor, Tensor]:
-    """Coefficients ``(F, 2, R_PAD, R_PAD)`` (``C - I``, ``E``; zero-padded) and the failure count."""
+#: retractions whose small step runs as one Triton launch (matrix products only)
+SMALL_STEP_TRITON = {"cayley_fp": CAYLEY_FP, "newton_schulz": NEWTON_SCHULZ}
+#: largest rank of the Triton small step (above it: the batched torch ops)
+SMALL_STEP_MAX_RANK = 64
+#: Newton-Schulz iterations of the Cayley drift correction (as gram.drift_correction)
+DRIFT_ITERS = 4
+
+
+def small_step_launch(k: Tensor, g: Tensor, h: Tensor, c: Tensor, e: Tensor, lr: float,
+                      retraction: str, *, cayley_iters: int = 2, ns_steps: int = 6,
+                      drift_tol: float = float("inf"), r_pad: int | None = None,
+                      c_minus_i: bool = False) -> None:
+    """One launch of the small-step kernel for ``cayley_fp`` / ``newton_schulz``.
+
+    ``k, g, h``: fp32 ``(F, r, r)`` views with unit column stride and common strides (they may
+    be slices of a padded buffer). ``c, e``: fp32 ``(F, s, s)`` outputs with unit column stride
+    and common strides, ``s = r`` (compact) or ``s = r_pad`` (zero padding is written too).
+    ``c_minus_i`` stores ``C - I``. ``drift_tol`` applies to ``cayley_fp`` only."""
+    num, r = k.shape[0], k.shape[-1]
+    if r_pad is None:
+        r_pad = max(16, _next_pow2(r))
+    for t in (k, g, h, c, e):
+        if t.dtype != torch.float32 or t.stride(-1) != 1:
+            raise ValueError("small_step_launch: fp32 tensors with unit column stride expected")
+    if g.stride() != k.stride() or h.stride() != k.stride() or e.stride() != c.stride():
+        raise ValueError("small_step_launch: k, g, h (and c, e) must share strides")
+    store_n = c.shape[-1]
+    if store_n not in (r, r_pad) or r > r_pad:
+        raise ValueError(f"small_step_launch: outputs of size {store_n} for rank {r}, R_PAD {r_pad}")
+    iters = cayley_iters if retraction == "cayley_fp" else ns_steps
+    small_step_kernel[(num,)](
+        k, g, h, c, e, float(lr), float(drift_tol), r,
+        k.stride(0), k.stride(-2), c.stride(0), c.stride(-2), store_n,
+        RETRACTION=SMALL_STEP_TRITON[retraction], ITERS=iters, DRIFT_ITERS=DRIFT_ITERS,
+        C_MINUS_I=c_minus_i, R_PAD=r_pad, num_warps=4 if r_pad <= 32 else 8)
+
+
+def small_step(grams: Tensor, hp: StiefelHyperparams, r_pad: int) -> tuple[Tensor, Tensor | None]:
+    """Coefficients ``(F, 2, R_PAD, R_PAD)`` (``C - I``, ``E``; zero-padded) and the failure count
+    (``None`` for the Triton small step: its retractions cannot fail)."""
     k, g, h = grams.unbind(1)
+    num, r = k.shape[0], k.shape[-1]
+    if hp.retraction in SMALL_STEP_TRITON and r <= SMALL_STEP_MAX_RANK:
+        coef = torch.empty((num, 2, r_pad, r_pad), dtype=torch.float32, device=k.device)
+        small_step_launch(k, g, h, coef[:, 0], coef[:, 1], hp.lr, hp.retraction,
+                          cayley_iters=hp.cayley_iters, ns_steps=hp.ns_steps,
+                          drift_tol=hp.drift_tol, r_pad=r_pad, c_minus_i=True)
+        return coef, None
     c, e, info = gram.retraction_coefficients(
         k, g, h, hp.lr, hp.retraction, cayley_iters=hp.cayley_iters, ns_steps=hp.ns_steps)
     if hp.retraction in ("cayley", "cayley_fp"):
         s = gram.drift_correction(k, hp.drift_tol)
         c, e = c @ s, e @ s
-    num, r = k.shape[0], k.shape[-1]
     coef = torch.zeros((num, 2, r_pad, r_pad), dtype=torch.float32, device=k.device)
     coef[:, 0, :r, :r] = c - torch.eye(r, dtype=c.dtype, device=c.device)
     coef[:, 1, :r, :r] = e
@@ -260,7 +310,8 @@ def _group_step_impl(params: list[Tensor], grads: list[Tensor], exp_avgs: list[T
         r_pad = max(16, _next_pow2(r))
         coef, count = small_step(grams[0] if len(grams) == 1 else torch.cat(grams), hp, r_pad)
         coefs[r] = coef.split([g.shape[0] for g in grams])
-        failures = failures + count
+        if count is not None:
+            failures = failures + count
     for ptrs, shape, p_dtype, bcs, cfg, num, r, j in launches:
         pass2(ptrs, shape, p_dtype, bcs, coefs[r][j], hp, cfg, num)
     return failures

@@ -1,0 +1,121 @@
+"""Triton kernel of the small step (DESIGN.md, "The fast path", step 2) for the matmul-only
+retractions: ``cayley_fp`` (with the drift correction folded in) and ``newton_schulz``.
+
+One program per factor (grid ``(F,)``) reads that factor's reduced Gram matrices ``K, G, H``
+(fp32 ``r x r``, zero-padded to ``R_PAD x R_PAD`` tiles) and writes its coefficients ``C, E``.
+All products are fp32 ``tl.dot(..., input_precision="ieee")`` (no TF32). The math is that of
+:func:`stiefel_kernels.gram.retraction_coefficients` and
+:func:`stiefel_kernels.gram.drift_correction`, written blockwise on ``r x r`` tiles:
+
+* ``cayley_fp``: with the unit-step generator ``M1 = [[Ms1, I], [-I, 0]]``,
+  ``Ms1 = a1 - a1^T``, ``a1 = sym(G) - (K sym(G) - G) / 2`` and ``N = [[K, G], [G^T, H]]``,
+
+      A1 = M1 N = [[P, Q], [-K, -G]],   P = Ms1 K + G^T,   Q = Ms1 G + H.
+
+  The step is ``t = min(lr, 1/||W_1||_F)``, ``||W_1||_F^2 = -tr(A1^2)
+  = -(<P, P^T> - 2 <Q, K^T> + <G, G^T>)``; ``A = M N = t A1``. From ``c0 = [I + t sym(G); -t I]``
+  the fixed-point iteration ``c <- e1 + A (e1 + c) / 2`` reads, with ``u = [I + c_top; c_bot]``,
+  ``c_top = I + t/2 (P u_top + Q u_bot)``, ``c_bot = -t/2 (K u_top + G u_bot)``. Where
+  ``||K - I||_F > drift_tol`` both blocks are multiplied by ``S ~ K^(-1/2)`` (scaled coupled
+  Newton–Schulz, ``DRIFT_ITERS`` steps), as in :func:`~stiefel_kernels.gram.drift_correction`.
+* ``newton_schulz``: ``c0 = I + lr sym(G)``, ``e0 = -lr I``,
+  ``m = c0^T K c0 - lr (c0^T G + G^T c0) + lr^2 H`` (:func:`~stiefel_kernels.gram.coefficient_gram`),
+  ``s = newton_schulz_scale(m) I``, ``ITERS`` steps ``s <- s (3I - s^T m s) / 2``;
+  ``C = c0 s``, ``E = -lr s``.
+
+Padding: every tile is zero outside ``[:r, :r]`` (masked loads, an identity restricted to ``r``),
+and the products keep it so; the kernel stores ``store_n x store_n`` entries, so it can write
+either compact ``(F, r, r)`` outputs (``store_n = r``) or the zero-padded ``(F, 2, R_PAD, R_PAD)``
+coefficient buffer of pass 2 (``store_n = R_PAD``, ``C_MINUS_I`` to store ``C - I``).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["small_step_kernel", "CAYLEY_FP", "NEWTON_SCHULZ"]
+
+CAYLEY_FP = 0
+NEWTON_SCHULZ = 1
+
+
+@triton.jit
+def _mm(a, b):
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def small_step_kernel(
+    k_ptr, g_ptr, h_ptr, c_ptr, e_ptr,
+    lr, drift_tol, r,
+    stride_in_f, stride_in_row, stride_out_f, stride_out_row, store_n,
+    RETRACTION: tl.constexpr, ITERS: tl.constexpr, DRIFT_ITERS: tl.constexpr,
+    C_MINUS_I: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """Grid ``(F,)``. Inputs ``K, G, H`` at ``ptr + f * stride_in_f + i * stride_in_row + j``,
+    outputs likewise with the ``out`` strides. ``RETRACTION`` is :data:`CAYLEY_FP` (``ITERS`` =
+    fixed-point iterations; ``drift_tol`` used) or :data:`NEWTON_SCHULZ` (``ITERS`` = steps)."""
+    f = tl.program_id(0).to(tl.int64)
+    rr = tl.arange(0, R_PAD)
+    in_r = rr < r
+    mask = in_r[:, None] & in_r[None, :]
+    offs = rr[:, None] * stride_in_row + rr[None, :]
+    base = f * stride_in_f
+    eye = tl.where((rr[:, None] == rr[None, :]) & mask, 1.0, 0.0)
+
+    k = tl.load(k_ptr + base + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + base + offs, mask=mask, other=0.0)
+    sg = 0.5 * (g + tl.trans(g))
+
+    if RETRACTION == 0:  # cayley_fp
+        a1 = sg - 0.5 * (_mm(k, sg) - g)
+        ms1 = a1 - tl.trans(a1)
+        p = _mm(ms1, k) + tl.trans(g)
+        q = _mm(ms1, g) + tl.load(h_ptr + base + offs, mask=mask, other=0.0)
+        tr = tl.sum(tl.sum(p * tl.trans(p), axis=1), axis=0) \
+            - 2.0 * tl.sum(tl.sum(q * tl.trans(k), axis=1), axis=0) \
+            + tl.sum(tl.sum(g * tl.trans(g), axis=1), axis=0)
+        w_norm = tl.sqrt(tl.maximum(-tr, 0.0))
+        t = tl.minimum(lr, 1.0 / tl.maximum(w_norm, 1.1754943508222875e-38))
+        c_top = eye + t * sg
+        c_bot = -t * eye
+        half_t = 0.5 * t
+        for _ in tl.static_range(ITERS):
+            u_top = eye + c_top
+            c_top = eye + half_t * (_mm(p, u_top) + _mm(q, c_bot))
+            c_bot = -half_t * (_mm(k, u_top) + _mm(g, c_bot))
+        # drift correction: S = K^(-1/2) by scaled coupled Newton-Schulz where ||K - I||_F > tol
+        dk = k - eye
+        err = tl.sqrt(tl.sum(tl.sum(dk * dk, axis=1), axis=0))
+        if err > drift_tol:
+            scale = tl.max(tl.sum(tl.abs(k), axis=1), axis=0)
+            y = k / scale
+            z = eye
+            for _ in tl.static_range(DRIFT_ITERS):
+                tt = 0.5 * (3.0 * eye - _mm(z, y))
+                y = _mm(y, tt)
+                z = _mm(tt, z)
+            s = z * (1.0 / tl.sqrt(scale))
+            c_top = _mm(c_top, s)
+            c_bot = _mm(c_bot, s)
+        c_out = c_top
+        e_out = c_bot
+    else:  # newton_schulz
+        c0 = eye + lr * sg
+        c0t = tl.trans(c0)
+        x = -lr * _mm(c0t, g)
+        m = _mm(_mm(c0t, k), c0) + x + tl.trans(x) \
+            + (lr * lr) * tl.load(h_ptr + base + offs, mask=mask, other=0.0)
+        bound = tl.max(tl.sum(tl.abs(m), axis=1), axis=0)
+        s = tl.sqrt(tl.minimum(2.5 / bound, 1.0)) * eye
+        for _ in tl.static_range(ITERS):
+            s = 0.5 * _mm(s, 3.0 * eye - _mm(_mm(tl.trans(s), m), s))
+        c_out = _mm(c0, s)
+        e_out = -lr * s
+
+    if C_MINUS_I:
+        c_out = c_out - eye
+    out_mask = (rr < store_n)[:, None] & (rr < store_n)[None, :]
+    out_offs = f * stride_out_f + rr[:, None] * stride_out_row + rr[None, :]
+    tl.store(c_ptr + out_offs, c_out, mask=out_mask)
+    tl.store(e_ptr + out_offs, e_out, mask=out_mask)
