@@ -46,3 +46,12 @@ __all__ = [
     "smallmat",
     "backends",
 ]
+
+# StelLA / any-optimizer Riemannian hooks / factorized attention (torch only). The PEFT
+# integration needs optional packages: import stiefel_kernels.integrations.peft explicitly.
+from . import nn, riemannian  # noqa: E402
+from .nn import StelLALinear, inject_stella, load_stella_adapters, save_stella_adapters  # noqa: E402
+from .riemannian import RiemannianHooks, make_riemannian  # noqa: E402
+
+__all__ += ["nn", "riemannian", "make_riemannian", "RiemannianHooks", "StelLALinear", "inject_stella",
+            "save_stella_adapters", "load_stella_adapters"]
