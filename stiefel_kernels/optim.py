@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam as _torch_adam
 
 from . import backends
-from .geometry import orthogonality_error
+from .distributed import orthogonality_error  # plain tensors and DTensors
 from .gram import canonical_retraction
 
 __all__ = ["StiefelAdamW", "default_ortho_tol", "default_drift_tol"]

@@ -101,8 +101,9 @@ def get_backend(name: str) -> Backend:
 
 
 def auto_backend(param: Tensor) -> Backend:
-    """The default backend for a parameter: ``triton`` on CUDA when importable, else ``torch``."""
-    if param.device.type == "cuda" and "triton" in _LAZY:
+    """The default backend for a parameter: ``triton`` on CUDA when importable, else ``torch``
+    (always ``torch`` for a DTensor: :mod:`stiefel_kernels.distributed`)."""
+    if param.device.type == "cuda" and "triton" in _LAZY and not _is_dtensor(param):
         try:
             backend = get_backend("triton")
             if backend.unsupported_reason(param) is None:
@@ -120,9 +121,20 @@ def resolve_backend(name: str | None, param: Tensor) -> Backend:
         name = os.environ.get(ENV_VAR, "auto") or "auto"
     backend = auto_backend(param) if name == "auto" else get_backend(name)
     reason = backend.unsupported_reason(param)
+    if reason is None and backend.name not in _DTENSOR_BACKENDS and _is_dtensor(param):
+        reason = f"DTensor (FSDP2) parameters are stepped by {sorted(_DTENSOR_BACKENDS)} only"
     if reason is not None:
         raise ValueError(f"backend {backend.name!r} cannot step this parameter: {reason}")
     return backend
+
+
+_DTENSOR_BACKENDS = ("reference", "torch")
+
+
+def _is_dtensor(param: Tensor) -> bool:
+    from ..distributed import is_dtensor
+
+    return is_dtensor(param)
 
 
 def state_dtype(param: Tensor) -> torch.dtype:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import geometry
+from .. import distributed, geometry
 from . import FunctionBackend, StiefelHyperparams, state_dtype
 
 name = "reference"
@@ -57,6 +57,9 @@ def retract(x: Tensor, xi: Tensor, hp: StiefelHyperparams) -> Tensor:
 def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
          exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
          state_steps: list[Tensor], hp: StiefelHyperparams) -> Tensor | None:
+    if distributed.has_dtensor(params):  # literal fallback: gather, step full tensors, keep slices
+        return distributed.gathered_step(step, params, grads, exp_avgs, exp_avg_sqs,
+                                         max_exp_avg_sqs, state_steps, hp)
     for i, p in enumerate(params):
         work = state_dtype(p)
         grad = grads[i].to(work)

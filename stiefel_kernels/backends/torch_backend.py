@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from .. import geometry, gram
+from .. import distributed, geometry, gram
 from . import FunctionBackend, StiefelHyperparams, bias_corrections, state_dtype
 
 name = "torch"
@@ -26,11 +26,6 @@ name = "torch"
 
 def unsupported_reason(param: Tensor) -> str | None:
     return None
-
-
-def _column(t: Tensor) -> Tensor:
-    """Column-form view of a stacked bucket ``(B, ..., a, b)`` (orientation from the last dims)."""
-    return geometry.as_column_form(t)
 
 
 def _bucket(params: list[Tensor]) -> dict[tuple, list[int]]:
@@ -49,7 +44,13 @@ def _as_batch(values: list[float], like: Tensor) -> Tensor:
 @torch.no_grad()
 def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
          exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
-         state_steps: list[Tensor], hp: StiefelHyperparams) -> Tensor | None:
+         state_steps: list[Tensor], hp: StiefelHyperparams, *, sharding=None) -> Tensor | None:
+    """``sharding`` (set by :func:`stiefel_kernels.distributed.sharded_step`, which takes over
+    when ``params`` holds DTensors): the tensors are local shards of one bucket; it gives their
+    orientation (``row_orthonormal``) and sums ``(K, G, H)`` over the shards (``reduce_grams``)."""
+    if sharding is None and distributed.has_dtensor(params):
+        return distributed.sharded_step(step, params, grads, exp_avgs, exp_avg_sqs,
+                                        max_exp_avg_sqs, state_steps, hp)
     failures = None
     for idx in _bucket(params).values():
         ps = [params[i] for i in idx]
@@ -73,17 +74,20 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         m = torch.stack(ms)
         bc1, bc2_sqrt = bias_corrections(steps, hp.beta1, hp.beta2)
         d = (m / _as_batch(bc1, m)) / (torch.stack(vs).sqrt() / _as_batch(bc2_sqrt, m) + hp.eps)
-        x = _column(torch.stack(ps).to(work))
-        d = _column(d)
+        rows = geometry.is_row_orthonormal(ps[0].shape) if sharding is None else sharding.row_orthonormal
+        x = torch.stack(ps).to(work)
+        x, d = (x.mT, d.mT) if rows else (x, d)  # column form
 
         k, g, h = gram.gram_pass(x, d)
+        if sharding is not None:  # sharded factors: one all-reduce per bucket
+            k, g, h = sharding.reduce_grams(k, g, h)
         c, e, info = gram.retraction_coefficients(
             k, g, h, hp.lr, hp.retraction, cayley_iters=hp.cayley_iters, ns_steps=hp.ns_steps)
         if hp.retraction in ("cayley", "cayley_fp"):
             s = gram.drift_correction(k, hp.drift_tol)
             c, e = c @ s, e @ s
         y = gram.apply_coefficients(x, d, c.to(work), e.to(work))
-        stored = y.mT if geometry.is_row_orthonormal(ps[0].shape) else y
+        stored = y.mT if rows else y
         torch._foreach_copy_(ps, list(stored.to(ps[0].dtype).unbind(0)))
 
         count = (info != 0).sum()
