@@ -198,6 +198,9 @@ def pass1(ptrs: Tensor, shape, p_dtype: torch.dtype, g_dtype: torch.dtype, bc: T
 SMALL_STEP_TRITON = {"cayley_fp": CAYLEY_FP, "newton_schulz": NEWTON_SCHULZ}
 #: largest rank of the Triton small step (above it: the batched torch ops)
 SMALL_STEP_MAX_RANK = 64
+#: above this R_PAD the kernel's products stream ``SMALL_STEP_BK``-wide inner slices through a
+#: scratch buffer (whole-width FMA dots spill registers on sm_90 from R_PAD = 32 on)
+SMALL_STEP_BK = 16
 #: Newton-Schulz iterations of the Cayley drift correction (as gram.drift_correction)
 DRIFT_ITERS = 4
 
@@ -224,11 +227,14 @@ def small_step_launch(k: Tensor, g: Tensor, h: Tensor, c: Tensor, e: Tensor, lr:
     if store_n not in (r, r_pad) or r > r_pad:
         raise ValueError(f"small_step_launch: outputs of size {store_n} for rank {r}, R_PAD {r_pad}")
     iters = cayley_iters if retraction == "cayley_fp" else ns_steps
+    bk = SMALL_STEP_BK if r_pad > SMALL_STEP_BK else r_pad
+    scratch = (c if bk >= r_pad else
+               torch.empty((num, 2, r_pad, r_pad), dtype=torch.float32, device=k.device))
     small_step_kernel[(num,)](
-        k, g, h, c, e, float(lr), float(drift_tol), r,
+        k, g, h, c, e, scratch, float(lr), float(drift_tol), r,
         k.stride(0), k.stride(-2), c.stride(0), c.stride(-2), store_n,
         RETRACTION=SMALL_STEP_TRITON[retraction], ITERS=iters, DRIFT_ITERS=DRIFT_ITERS,
-        C_MINUS_I=c_minus_i, R_PAD=r_pad, num_warps=4 if r_pad <= 32 else 8)
+        C_MINUS_I=c_minus_i, R_PAD=r_pad, BK=bk, num_warps=4 if r_pad <= 16 else 8)
 
 
 def small_step(grams: Tensor, hp: StiefelHyperparams, r_pad: int) -> tuple[Tensor, Tensor | None]:

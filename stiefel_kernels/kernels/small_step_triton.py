@@ -23,6 +23,13 @@ All products are fp32 ``tl.dot(..., input_precision="ieee")`` (no TF32). The mat
   ``s = newton_schulz_scale(m) I``, ``ITERS`` steps ``s <- s (3I - s^T m s) / 2``;
   ``C = c0 s``, ``E = -lr s``.
 
+Registers: ``tl.dot``'s fp32 (FMA) lowering holds whole operand rows/columns per thread, so
+whole-width products spill on sm_90 from ``R_PAD = 32`` on. With ``BK < R_PAD`` every product
+streams ``BK``-wide slices of its inner dimension through a per-program scratch buffer
+(``(F, 2, R_PAD, R_PAD)`` fp32, L1/L2 resident, ordered by barriers). Compiled for sm_90 with
+``BK = 16`` and 8 warps: no spills up to ``R_PAD = 32``, under 100 bytes per thread at 64; at
+``R_PAD = 128`` (16 warps) about 2 KB per thread, so the backend stops at rank 64.
+
 Padding: every tile is zero outside ``[:r, :r]`` (masked loads, an identity restricted to ``r``),
 and the products keep it so; the kernel stores ``store_n x store_n`` entries, so it can write
 either compact ``(F, r, r)`` outputs (``store_n = r``) or the zero-padded ``(F, 2, R_PAD, R_PAD)``
@@ -40,17 +47,36 @@ NEWTON_SCHULZ = 1
 
 
 @triton.jit
-def _mm(a, b):
-    return tl.dot(a, b, input_precision="ieee")
+def _mm(a, b, scratch, R_PAD: tl.constexpr, BK: tl.constexpr):
+    """``a @ b`` in fp32. For ``BK < R_PAD`` the operands go through this program's scratch
+    (two ``R_PAD x R_PAD`` slots in global memory, L1/L2 resident) and the product is summed over
+    ``BK``-wide slices of the inner dimension: the FMA lowering of ``tl.dot`` holds whole operand
+    rows/columns per thread, which spills at ``R_PAD >= 64`` when the full width is used."""
+    if BK >= R_PAD:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        rr = tl.arange(0, R_PAD)
+        kk = tl.arange(0, BK)
+        tile = rr[:, None] * R_PAD + rr[None, :]
+        tl.debug_barrier()  # earlier readers of the slots are done
+        tl.store(scratch + tile, a)
+        tl.store(scratch + R_PAD * R_PAD + tile, b)
+        tl.debug_barrier()  # the whole program sees both operands
+        acc = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
+        for k0 in range(0, R_PAD, BK):
+            a_k = tl.load(scratch + rr[:, None] * R_PAD + (k0 + kk)[None, :])
+            b_k = tl.load(scratch + R_PAD * R_PAD + (k0 + kk)[:, None] * R_PAD + rr[None, :])
+            acc += tl.dot(a_k, b_k, input_precision="ieee")
+        return acc
 
 
 @triton.jit
 def small_step_kernel(
-    k_ptr, g_ptr, h_ptr, c_ptr, e_ptr,
+    k_ptr, g_ptr, h_ptr, c_ptr, e_ptr, scratch_ptr,
     lr, drift_tol, r,
     stride_in_f, stride_in_row, stride_out_f, stride_out_row, store_n,
     RETRACTION: tl.constexpr, ITERS: tl.constexpr, DRIFT_ITERS: tl.constexpr,
-    C_MINUS_I: tl.constexpr, R_PAD: tl.constexpr,
+    C_MINUS_I: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr,
 ):
     """Grid ``(F,)``. Inputs ``K, G, H`` at ``ptr + f * stride_in_f + i * stride_in_row + j``,
     outputs likewise with the ``out`` strides. ``RETRACTION`` is :data:`CAYLEY_FP` (``ITERS`` =
@@ -62,16 +88,17 @@ def small_step_kernel(
     offs = rr[:, None] * stride_in_row + rr[None, :]
     base = f * stride_in_f
     eye = tl.where((rr[:, None] == rr[None, :]) & mask, 1.0, 0.0)
+    scratch = scratch_ptr + f * (2 * R_PAD * R_PAD)  # unused when BK >= R_PAD
 
     k = tl.load(k_ptr + base + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + base + offs, mask=mask, other=0.0)
     sg = 0.5 * (g + tl.trans(g))
 
     if RETRACTION == 0:  # cayley_fp
-        a1 = sg - 0.5 * (_mm(k, sg) - g)
+        a1 = sg - 0.5 * (_mm(k, sg, scratch, R_PAD, BK) - g)
         ms1 = a1 - tl.trans(a1)
-        p = _mm(ms1, k) + tl.trans(g)
-        q = _mm(ms1, g) + tl.load(h_ptr + base + offs, mask=mask, other=0.0)
+        p = _mm(ms1, k, scratch, R_PAD, BK) + tl.trans(g)
+        q = _mm(ms1, g, scratch, R_PAD, BK) + tl.load(h_ptr + base + offs, mask=mask, other=0.0)
         tr = tl.sum(tl.sum(p * tl.trans(p), axis=1), axis=0) \
             - 2.0 * tl.sum(tl.sum(q * tl.trans(k), axis=1), axis=0) \
             + tl.sum(tl.sum(g * tl.trans(g), axis=1), axis=0)
@@ -82,8 +109,10 @@ def small_step_kernel(
         half_t = 0.5 * t
         for _ in tl.static_range(ITERS):
             u_top = eye + c_top
-            c_top = eye + half_t * (_mm(p, u_top) + _mm(q, c_bot))
-            c_bot = -half_t * (_mm(k, u_top) + _mm(g, c_bot))
+            pu = _mm(p, u_top, scratch, R_PAD, BK) + _mm(q, c_bot, scratch, R_PAD, BK)
+            ku = _mm(k, u_top, scratch, R_PAD, BK) + _mm(g, c_bot, scratch, R_PAD, BK)
+            c_top = eye + half_t * pu
+            c_bot = -half_t * ku
         # drift correction: S = K^(-1/2) by scaled coupled Newton-Schulz where ||K - I||_F > tol
         dk = k - eye
         err = tl.sqrt(tl.sum(tl.sum(dk * dk, axis=1), axis=0))
@@ -92,25 +121,26 @@ def small_step_kernel(
             y = k / scale
             z = eye
             for _ in tl.static_range(DRIFT_ITERS):
-                tt = 0.5 * (3.0 * eye - _mm(z, y))
-                y = _mm(y, tt)
-                z = _mm(tt, z)
+                tt = 0.5 * (3.0 * eye - _mm(z, y, scratch, R_PAD, BK))
+                y = _mm(y, tt, scratch, R_PAD, BK)
+                z = _mm(tt, z, scratch, R_PAD, BK)
             s = z * (1.0 / tl.sqrt(scale))
-            c_top = _mm(c_top, s)
-            c_bot = _mm(c_bot, s)
+            c_top = _mm(c_top, s, scratch, R_PAD, BK)
+            c_bot = _mm(c_bot, s, scratch, R_PAD, BK)
         c_out = c_top
         e_out = c_bot
     else:  # newton_schulz
         c0 = eye + lr * sg
         c0t = tl.trans(c0)
-        x = -lr * _mm(c0t, g)
-        m = _mm(_mm(c0t, k), c0) + x + tl.trans(x) \
+        x = -lr * _mm(c0t, g, scratch, R_PAD, BK)
+        m = _mm(_mm(c0t, k, scratch, R_PAD, BK), c0, scratch, R_PAD, BK) + x + tl.trans(x) \
             + (lr * lr) * tl.load(h_ptr + base + offs, mask=mask, other=0.0)
         bound = tl.max(tl.sum(tl.abs(m), axis=1), axis=0)
         s = tl.sqrt(tl.minimum(2.5 / bound, 1.0)) * eye
         for _ in tl.static_range(ITERS):
-            s = 0.5 * _mm(s, 3.0 * eye - _mm(_mm(tl.trans(s), m), s))
-        c_out = _mm(c0, s)
+            sms = _mm(_mm(tl.trans(s), m, scratch, R_PAD, BK), s, scratch, R_PAD, BK)
+            s = 0.5 * _mm(s, 3.0 * eye - sms, scratch, R_PAD, BK)
+        c_out = _mm(c0, s, scratch, R_PAD, BK)
         e_out = -lr * s
 
     if C_MINUS_I:
