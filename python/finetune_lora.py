@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=0, help="0: the checkpoint's block size")
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA scale is alpha / rank")
-    ap.add_argument("--stella-alpha", type=float, default=1.0,
-                    help="StelLA scale alpha / rank (its init adds (alpha/r) U V^T: keep it modest)")
+    ap.add_argument("--stella-alpha", type=float, default=None,
+                    help="StelLA scale is alpha / rank (default: --lora-alpha, the same scale as LoRA). "
+                         "Its non-zero init adds (alpha/r) U V^T, so its start loss is higher")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--warmup", type=int, default=10)
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads and not args.device.startswith("cuda"):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.stella_alpha is None:
+        args.stella_alpha = args.lora_alpha
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]

@@ -9,7 +9,7 @@ AdamW, ``W_Q`` is an ordinary (decayed) matrix. Biases/norms take no weight deca
 Corpus: the source code of ~60 standard-library modules (``python/_data.py``), nothing
 downloaded; the last 10% is the validation split.
 
-Run:   python python/pretrain_gpt.py                     (CPU default: about 2 minutes on 2 cores)
+Run:   python python/pretrain_gpt.py                     (CPU default: 1.5-2.5 minutes on 2 cores)
        python python/pretrain_gpt.py --device cuda --steps 2000 --n-layer 6 --d-model 384 --n-head 6 \\
               --block-size 256 --batch-size 64            (a GPU)
        python python/pretrain_gpt.py --smoke               (a few steps, seconds)
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--n-layer", type=int, default=2)

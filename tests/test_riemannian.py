@@ -153,3 +153,14 @@ def test_errors(gen):
     p.grad = torch.randn_like(p)
     with pytest.raises(RuntimeError, match="closure"):
         opt.step(lambda: 0.0)
+
+
+def test_bfloat16_factors(gen):
+    u = nn.Parameter(random_stiefel(16, 3, generator=gen).to(torch.bfloat16))
+    opt = torch.optim.Adam([u], lr=1e-2)
+    make_riemannian(opt, [u], d=8)
+    for _ in range(3):
+        opt.zero_grad()
+        (u.float() @ torch.ones(3)).pow(2).sum().backward()
+        opt.step()
+    assert u.dtype == torch.bfloat16 and float(orthogonality_error(u)) < 5e-2
