@@ -50,7 +50,7 @@ import triton.language as tl
 from .. import gram
 from ..kernels.stiefel_adamw_triton import stiefel_pass1_kernel, stiefel_pass2_kernel
 from ..kernels.small_step_triton import CAYLEY_FP, NEWTON_SCHULZ, small_step_kernel
-from . import StiefelHyperparams, bias_corrections, state_dtype
+from . import FunctionBackend, StiefelHyperparams, bias_corrections, state_dtype
 
 name = "triton"
 
@@ -389,10 +389,4 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     return failures
 
 
-class _Triton:
-    name = name
-    unsupported_reason = staticmethod(unsupported_reason)
-    step = staticmethod(step)
-
-
-BACKEND = _Triton()
+BACKEND = FunctionBackend(name, unsupported_reason, step)
