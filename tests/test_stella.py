@@ -106,6 +106,7 @@ class _Tiny(nn.Module):
 
 
 def test_inject_save_load_roundtrip(tmp_path, gen):
+    pytest.importorskip("safetensors")
     torch.manual_seed(0)
     model = _Tiny()
     mods = inject_stella(model, ["q_proj", "up", "blocks.1.down"], r=2, alpha=4.0, generator=gen)
