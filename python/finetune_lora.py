@@ -143,8 +143,9 @@ def print_table(results: dict[str, dict], title: str) -> None:
     print("| method               | trainable | val loss start | val loss end | ms / iter | ms / opt step | max ortho err |")
     print("|----------------------|----------:|---------------:|-------------:|----------:|--------------:|--------------:|")
     for name, h in results.items():
+        ortho = "n/a" if math.isnan(h["ortho"]) else f"{h['ortho']:.2e}"  # AdamW: no factor
         print(f"| {LABELS[name]:<20} | {h['params']:9,d} | {h['val'][0]:14.4f} | {h['val'][-1]:12.4f} | "
-              f"{pt._median_ms(h['iter_s']):9.1f} | {pt._median_ms(h['opt_s']):13.2f} | {h['ortho']:13.2e} |")
+              f"{pt._median_ms(h['iter_s']):9.1f} | {pt._median_ms(h['opt_s']):13.2f} | {ortho:>13} |")
 
 
 def plot(results: dict[str, dict], path: str, title: str) -> None:
