@@ -10,12 +10,7 @@ from stiefel_kernels.integrations.peft import create_stiefel_adamw, lora_pairs  
 from stiefel_kernels.nn import inject_stella, make_stella_optimizer  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed=0, init_lora_weights=True):

@@ -11,13 +11,7 @@ from stiefel_kernels.nn import StelLALinear, inject_stella, make_stella_optimize
 from stiefel_kernels.riemannian import make_riemannian, project_and_retract_
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids spin-wait slowdowns on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem(gen, n_in=9, n_out=6, r=3, batch=16):
