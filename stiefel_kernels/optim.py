@@ -17,6 +17,7 @@ the moments and the parameter (for a Stiefel factor, the whole factor). Use
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Iterable
 
 import torch
@@ -119,7 +120,14 @@ class StiefelAdamW(Optimizer):
         )
         self._validate_options(defaults, where="StiefelAdamW")
         self._retraction_failures: Tensor | None = None
+        self._resolved_backends: dict[tuple, str] = {}
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # torch.optim pickles only defaults/state/param_groups: restore the caches
+        self.__dict__.setdefault("_resolved_backends", {})
+        self.__dict__.setdefault("_retraction_failures", None)
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -269,11 +277,20 @@ class StiefelAdamW(Optimizer):
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
         )
 
+    def _backend_name(self, group: dict[str, Any], p: Tensor) -> str:
+        """The backend stepping ``p``, memoized per (setting, environment, kind of tensor) so a
+        step with hundreds of factors does not re-resolve each one."""
+        key = (group["backend"], os.environ.get(backends.ENV_VAR), type(p), p.device, p.dtype, p.shape)
+        name = self._resolved_backends.get(key)
+        if name is None:
+            name = self._resolved_backends[key] = backends.resolve_backend(group["backend"], p).name
+        return name
+
     def _step_stiefel(self, group: dict[str, Any]) -> None:
         by_backend: dict[str, list[Tensor]] = {}
         for p in group["params"]:
             if p.grad is not None:
-                by_backend.setdefault(backends.resolve_backend(group["backend"], p).name, []).append(p)
+                by_backend.setdefault(self._backend_name(group, p), []).append(p)
         beta1, beta2 = group["betas"]
         for name, params in by_backend.items():
             states = [self._init_state(group, p) for p in params]

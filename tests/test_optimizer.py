@@ -278,6 +278,21 @@ def test_lr_scheduler_closure_zero_grad_add_param_group(gen):
     assert sk.orthogonality_error(extra).item() < 1e-5
 
 
+def test_optimizer_pickles_and_deepcopies(gen):
+    import pickle
+
+    params, loss_fn = make_model(gen)
+    opt = StiefelAdamW([{"params": params[:1], "stiefel": True}, {"params": params[1:]}], lr=1e-2)
+    run(opt, loss_fn, 2)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        cloned_params = [p for g in clone.param_groups for p in g["params"]]
+        for p in cloned_params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        clone.step()
+        assert clone.retraction_failures == 0
+        assert sk.orthogonality_error(cloned_params[0]).item() < 1e-5
+
+
 def test_lr_zero_keeps_factor(gen):
     a = sk.random_stiefel(3, 10, dtype=torch.float64, generator=gen).requires_grad_()
     a0 = a.detach().clone()
