@@ -149,12 +149,8 @@ def print_table(results: dict[str, dict], title: str) -> None:
 
 
 def plot(results: dict[str, dict], path: str, title: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+    plt = pt.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, h) in enumerate(results.items()):
@@ -163,11 +159,7 @@ def plot(results: dict[str, dict], path: str, title: str) -> None:
     ax.set_ylabel("validation cross-entropy (nats / byte)")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot written to {path}")
+    pt.save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -140,13 +140,32 @@ def print_table(results: dict[str, dict], title: str) -> None:
               f"| {_median_ms(h['opt_s']):13.2f} | {h['ortho']:21.2e} |")
 
 
-def plot(results: dict[str, dict], path: str, title: str) -> None:
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or ``None`` (saying so) when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+        return None
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out, write ``fig`` to ``path`` (creating its folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot written to {path}")
+
+
+def plot(results: dict[str, dict], path: str, title: str) -> None:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, h) in enumerate(results.items()):
@@ -159,11 +178,7 @@ def plot(results: dict[str, dict], path: str, title: str) -> None:
     ax.set_ylabel("cross-entropy (nats / byte)")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot written to {path}")
+    save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
