@@ -1,6 +1,9 @@
 """Shared test setup: the Triton interpreter on machines without CUDA, and seeded generators."""
 import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import torch
 
@@ -25,3 +28,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def compile_for_gpu_without_one(script: str) -> None:
+    """Run ``script`` (an ahead-of-time ``triton.compile`` for a GPU target that prints
+    "compiled") in a fresh interpreter without ``TRITON_INTERPRET``, so a GPU-only compile
+    error is caught on CPU CI."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("no ptxas in this triton install")
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]

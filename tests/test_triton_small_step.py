@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from stiefel_kernels import gram  # noqa: E402
+from conftest import compile_for_gpu_without_one  # noqa: E402
 from stiefel_kernels.backends import triton_backend as tb  # noqa: E402
 from stiefel_kernels.geometry import newton_schulz_scale  # noqa: E402
 
@@ -141,15 +142,4 @@ print("compiled")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile the kernel")
 def test_kernel_compiles_for_sm90():
     """Without a GPU, compile the kernel for sm_90 (direct and streamed products)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True,
-                         env=env, timeout=300)
-    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
-        pytest.skip("no ptxas in this triton install")
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+    compile_for_gpu_without_one(_AOT_SCRIPT)
