@@ -1,38 +1,10 @@
-// The Python extension module stiefel_kernels._C and the backend-independent part of the ops:
-// their schemas and argument checks. Importing the module runs the static registrations of this
-// file (schemas) and of the backend files (kernels), after which the ops are reachable as
+// The Python extension module stiefel_kernels._C and the schemas of its ops (the argument checks
+// every backend shares are in op_checks.cpp). Importing the module runs the static registrations
+// of this file (schemas) and of the backend files (kernels), after which the ops are reachable as
 // torch.ops.stiefel_kernels.<name>.
 #include <pybind11/pybind11.h>
 
-#include <c10/util/Exception.h>
 #include <torch/library.h>
-
-#include "smallmat.h"
-
-namespace stiefel_kernels {
-
-void check_square_batch(const at::Tensor& m, const char* op) {
-  TORCH_CHECK(m.dim() >= 2, "stiefel_kernels::", op,
-              ": expected a (..., k, k) tensor with at least 2 dims, got shape ", m.sizes());
-  TORCH_CHECK(m.size(-1) == m.size(-2), "stiefel_kernels::", op,
-              ": expected square matrices in the last two dims, got shape ", m.sizes());
-  TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kDouble,
-              "stiefel_kernels::", op, ": expected float32 or float64, got ", m.scalar_type());
-}
-
-void check_solve_args(const at::Tensor& a, const at::Tensor& b) {
-  check_square_batch(a, "solve");
-  TORCH_CHECK(b.dim() >= 2, "stiefel_kernels::solve: expected b of shape (..., k, m) with at least "
-              "2 dims, got shape ", b.sizes());
-  TORCH_CHECK(b.size(-2) == a.size(-1), "stiefel_kernels::solve: a is ", a.sizes(),
-              " so b must have ", a.size(-1), " rows (dim -2), got shape ", b.sizes());
-  TORCH_CHECK(b.scalar_type() == a.scalar_type(), "stiefel_kernels::solve: a and b must have the "
-              "same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(a.device() == b.device(), "stiefel_kernels::solve: a and b must be on the same "
-              "device, got ", a.device(), " and ", b.device());
-}
-
-}  // namespace stiefel_kernels
 
 TORCH_LIBRARY(stiefel_kernels, m) {
   m.def("inv_sqrt_spd(Tensor m) -> (Tensor, Tensor)");

@@ -1,9 +1,9 @@
 // Shared declarations of the batched small-matrix ops of stiefel_kernels.
 //
-// The schemas live in module.cpp (TORCH_LIBRARY); every backend (CPU here, CUDA in csrc/cuda/
-// later) registers its kernels with TORCH_LIBRARY_IMPL and validates its arguments with the
-// checks below, so that all backends (and the fake kernels in _fake_kernels.py) reject the same
-// inputs with the same messages.
+// The schemas live in module.cpp (TORCH_LIBRARY); every backend (CPU in ops_cpu.cpp, CUDA in
+// cuda/ops_cuda.cpp) registers its kernels with TORCH_LIBRARY_IMPL and validates its arguments
+// with the checks below, so that all backends (and the fake kernels in _fake_kernels.py) reject
+// the same inputs with the same messages.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -12,7 +12,7 @@
 
 namespace stiefel_kernels {
 
-// Argument checks (module.cpp); TORCH_CHECK with a message naming the op.
+// Argument checks (op_checks.cpp); TORCH_CHECK with a message naming the op.
 void check_square_batch(const at::Tensor& m, const char* op);
 void check_solve_args(const at::Tensor& a, const at::Tensor& b);
 

@@ -1,0 +1,134 @@
+// CUDA registrations of the batched small-matrix ops (schemas in module.cpp, kernels in
+// smallmat_cuda.cu). Built into stiefel_kernels._C only with a CUDA build of torch.
+//
+// Written against torch's device-generic headers alone (no c10/cuda, no CUDA headers): the
+// stream comes through the device guard interface as a native handle. So this file also compiles
+// against a CPU-only torch, which is how CI checks it on machines without a GPU
+// (tests/test_cuda_build.py).
+//
+// Each op validates like the CPU kernel (same messages), allocates its outputs and a float64
+// workspace through torch's caching allocator (reused from call to call, capture-safe), and
+// launches on the current stream. No host synchronization: info stays on the device.
+#include <ATen/Dispatch.h>
+#include <ATen/ExpandUtils.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/util/accumulate.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cuda/smallmat_cuda.h"
+#include "smallmat.h"
+
+namespace stiefel_kernels {
+namespace {
+
+void* current_stream(const at::Device& device) {
+  return c10::impl::getDeviceGuardImpl(device.type())->getStream(device).native_handle();
+}
+
+void check_cuda(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.device().is_cuda(), "stiefel_kernels::", op, ": CUDA kernel got a tensor on ",
+              t.device());
+}
+
+void check_size(int64_t k, const char* op, const char* what) {
+  TORCH_CHECK(k <= cuda::kMaxK, "stiefel_kernels::", op, ": the CUDA kernel takes ", what,
+              " <= ", cuda::kMaxK, ", got ", k, " (use torch.linalg for larger matrices)");
+}
+
+void check_launch(int err, const char* op) {
+  TORCH_CHECK(err == 0, "stiefel_kernels::", op, ": CUDA kernel launch failed: ",
+              cuda::cuda_error_string(err));
+}
+
+at::Tensor new_info(const at::Tensor& like, at::IntArrayRef batch_shape) {
+  return at::empty(batch_shape, like.options().dtype(at::kInt));
+}
+
+at::Tensor new_workspace(const at::Tensor& like, const cuda::LaunchPlan& plan) {
+  return at::empty({plan.workspace_doubles}, like.options().dtype(at::kDouble));
+}
+
+// Shared body of the two (k, k) -> (k, k) ops.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> square_op(const at::Tensor& m_in, const char* op,
+                                             cuda::SmallmatOp kind, Launch launch) {
+  check_square_batch(m_in, op);
+  check_cuda(m_in, op);
+  const int64_t k = m_in.size(-1);
+  check_size(k, op, "k");
+  const c10::DeviceGuard guard(m_in.device());
+  const at::Tensor m = m_in.contiguous();
+  const int64_t batch = c10::multiply_integers(m.sizes().slice(0, m.dim() - 2));
+  at::Tensor out = at::empty(m.sizes(), m.options());
+  at::Tensor info = new_info(m, m.sizes().slice(0, m.dim() - 2));
+  if (batch == 0) return {out, info};
+  if (k == 0) return {out, info.zero_()};
+  const cuda::LaunchPlan plan = cuda::launch_plan(kind, batch, k, 0);
+  at::Tensor ws = new_workspace(m, plan);
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "stiefel_kernels_square_op_cuda", [&] {
+    check_launch(launch(m.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                        info.data_ptr<int32_t>(), batch, static_cast<int>(k),
+                        ws.data_ptr<double>(), plan, current_stream(m.device())),
+                 op);
+  });
+  return {out, info};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> inv_sqrt_spd_cuda(const at::Tensor& m) {
+  return square_op(m, "inv_sqrt_spd", cuda::SmallmatOp::kInvSqrtSpd, [](auto... args) {
+    return cuda::launch_inv_sqrt_spd(args...);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> cholesky_upper_inverse_cuda(const at::Tensor& m) {
+  return square_op(m, "cholesky_upper_inverse", cuda::SmallmatOp::kCholeskyUpperInverse,
+                   [](auto... args) { return cuda::launch_cholesky_upper_inverse(args...); });
+}
+
+std::tuple<at::Tensor, at::Tensor> solve_cuda(const at::Tensor& a_in, const at::Tensor& b_in) {
+  check_solve_args(a_in, b_in);
+  check_cuda(a_in, "solve");
+  const int64_t k = a_in.size(-1);
+  const int64_t n = b_in.size(-1);
+  check_size(k, "solve", "k");
+  check_size(n, "solve", "the number of right-hand sides");
+  const c10::DeviceGuard guard(a_in.device());
+  // Batch dims broadcast like torch.linalg.solve (and like the CPU kernel).
+  const auto batch_shape = at::infer_size(a_in.sizes().slice(0, a_in.dim() - 2),
+                                          b_in.sizes().slice(0, b_in.dim() - 2));
+  std::vector<int64_t> a_shape(batch_shape), b_shape(batch_shape);
+  a_shape.insert(a_shape.end(), {k, k});
+  b_shape.insert(b_shape.end(), {k, n});
+  const at::Tensor a = a_in.expand(a_shape).contiguous();
+  const at::Tensor b = b_in.expand(b_shape).contiguous();
+  const int64_t batch = c10::multiply_integers(batch_shape);
+  at::Tensor out = at::empty(b_shape, b.options());
+  at::Tensor info = new_info(a, batch_shape);
+  if (batch == 0) return {out, info};
+  if (k == 0 || n == 0) return {out, info.zero_()};
+  const cuda::LaunchPlan plan = cuda::launch_plan(cuda::SmallmatOp::kSolve, batch, k, n);
+  at::Tensor ws = new_workspace(a, plan);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "solve", [&] {
+    check_launch(cuda::launch_solve(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                                    out.data_ptr<scalar_t>(), info.data_ptr<int32_t>(), batch,
+                                    static_cast<int>(k), static_cast<int>(n),
+                                    ws.data_ptr<double>(), plan, current_stream(a.device())),
+                 "solve");
+  });
+  return {out, info};
+}
+
+}  // namespace stiefel_kernels
+
+TORCH_LIBRARY_IMPL(stiefel_kernels, CUDA, m) {
+  m.impl("inv_sqrt_spd", &stiefel_kernels::inv_sqrt_spd_cuda);
+  m.impl("cholesky_upper_inverse", &stiefel_kernels::cholesky_upper_inverse_cuda);
+  m.impl("solve", &stiefel_kernels::solve_cuda);
+}
