@@ -7,9 +7,6 @@ exactly the bad batch entries (whose outputs are NaN), never as a silent wrong a
 """
 from __future__ import annotations
 
-import math
-import zlib
-
 import pytest
 import torch
 
@@ -17,50 +14,14 @@ pytest.importorskip("stiefel_kernels._C", reason="native extension stiefel_kerne
 
 from stiefel_kernels import _native, smallmat  # noqa: E402
 
+from _smallmat_inputs import (BAD, check_flags, nonsingular, orthogonal,  # noqa: E402
+                              pd_with_negative_pivot, rel_err, rtol, seeded_gen, spd)
+
 OPS = torch.ops.stiefel_kernels
 DTYPES = [torch.float32, torch.float64]
-# Relative (Frobenius) error allowed up to condition number 1e3; scaled linearly beyond.
-RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 # (k, batch shape): sizes 1..256, unbatched and batched, total runtime a few seconds.
 CASES = [(1, ()), (1, (7,)), (3, ()), (3, (2, 5)), (12, (6,)), (12, ()), (48, (3,)),
          (48, (2, 2)), (128, (2,)), (128, ()), (256, ()), (256, (2,))]
-
-
-def _gen(*key) -> torch.Generator:
-    """A generator seeded from the test's parameters: fresh inputs per test, reproducible."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def _orthogonal(shape, k, gen) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(*shape, k, k, generator=gen, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-
-
-def _spd(shape, k, cond, gen) -> torch.Tensor:
-    """Random SPD (float64) with eigenvalues log-spaced in [1, cond], shuffled."""
-    q = _orthogonal(shape, k, gen)
-    lam = torch.logspace(0, math.log10(cond), k, dtype=torch.float64)
-    lam = lam[torch.randperm(k, generator=gen)]
-    m = (q * lam.unsqueeze(-2)) @ q.mT
-    return (m + m.mT) / 2
-
-
-def _nonsingular(shape, k, cond, gen) -> torch.Tensor:
-    """Random general matrix (float64) U diag(s) V^T with singular values in [1, cond]."""
-    u, v = _orthogonal(shape, k, gen), _orthogonal(shape, k, gen)
-    s = torch.logspace(0, math.log10(cond), k, dtype=torch.float64)
-    return (u * s[torch.randperm(k, generator=gen)].unsqueeze(-2)) @ v.mT
-
-
-def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest per-matrix relative Frobenius error over the batch."""
-    x = x.double().reshape(-1, *x.shape[-2:])
-    ref = ref.double().reshape(-1, *ref.shape[-2:])
-    return ((x - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max().item()
-
-
-def _rtol(dtype, cond) -> float:
-    return RTOL[dtype] * max(1.0, cond / 1e3)
 
 
 # ------------------------------------------------------------------------------ accuracy
@@ -78,7 +39,7 @@ def test_all_ops_registered_for_cpu():
 @pytest.mark.parametrize("k,batch", CASES)
 def test_inv_sqrt_spd_matches_eigh(k, batch, dtype):
     cond = 1e3
-    m = _spd(batch, k, cond, _gen("isq", k, batch, dtype)).to(dtype)
+    m = spd(batch, k, cond, seeded_gen("isq", k, batch, dtype)).to(dtype)
     x, info = OPS.inv_sqrt_spd(m)
     ref, ref_info = smallmat.inv_sqrt_spd_torch(m.double())
     assert x.dtype == dtype and x.shape == m.shape
@@ -86,17 +47,17 @@ def test_inv_sqrt_spd_matches_eigh(k, batch, dtype):
     assert (info == 0).all() and (ref_info == 0).all()
     assert torch.isfinite(x).all()
     assert torch.equal(x, x.mT)  # symmetric by construction
-    assert _rel_err(x, ref) < _rtol(dtype, cond)
+    assert rel_err(x, ref) < rtol(dtype, cond)
     # and it is an inverse square root: X M X = I
     eye = torch.eye(k, dtype=torch.float64)
-    assert _rel_err(x.double() @ m.double() @ x.double(), eye.expand_as(ref)) < 10 * _rtol(dtype, cond)
+    assert rel_err(x.double() @ m.double() @ x.double(), eye.expand_as(ref)) < 10 * rtol(dtype, cond)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k,batch", CASES)
 def test_cholesky_upper_inverse_matches_torch(k, batch, dtype):
     cond = 1e3
-    m = _spd(batch, k, cond, _gen("chol", k, batch, dtype)).to(dtype)
+    m = spd(batch, k, cond, seeded_gen("chol", k, batch, dtype)).to(dtype)
     x, info = OPS.cholesky_upper_inverse(m)
     ref, ref_info = smallmat.cholesky_upper_inverse_torch(m.double())
     assert x.dtype == dtype and x.shape == m.shape
@@ -105,15 +66,15 @@ def test_cholesky_upper_inverse_matches_torch(k, batch, dtype):
     assert torch.isfinite(x).all()
     assert torch.equal(x, x.triu())  # upper triangular, exactly
     assert (torch.diagonal(x, dim1=-2, dim2=-1) > 0).all()
-    assert _rel_err(x, ref) < _rtol(dtype, cond)
+    assert rel_err(x, ref) < rtol(dtype, cond)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k,batch", CASES)
 def test_solve_matches_torch(k, batch, dtype):
     cond = 1e3
-    gen = _gen("solve", k, batch, dtype)
-    a = _nonsingular(batch, k, cond, gen).to(dtype)
+    gen = seeded_gen("solve", k, batch, dtype)
+    a = nonsingular(batch, k, cond, gen).to(dtype)
     b = torch.randn(*batch, k, 3, generator=gen, dtype=torch.float64).to(dtype)
     x, info = OPS.solve(a, b)
     ref, ref_info = smallmat.solve_torch(a.double(), b.double())
@@ -121,16 +82,16 @@ def test_solve_matches_torch(k, batch, dtype):
     assert info.dtype == torch.int32 and info.shape == a.shape[:-2]
     assert (info == 0).all() and (ref_info == 0).all()
     assert torch.isfinite(x).all()
-    assert _rel_err(x, ref) < _rtol(dtype, cond)
+    assert rel_err(x, ref) < rtol(dtype, cond)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_accuracy_scales_with_condition_number(dtype):
     """Still accurate (tolerance scaled by cond) for cond 1e5 (fp32) / 1e9 (fp64)."""
     cond = 1e5 if dtype == torch.float32 else 1e9
-    gen, k = _gen("cond", dtype), 24
-    m = _spd((4,), k, cond, gen).to(dtype)
-    a = _nonsingular((4,), k, cond, gen).to(dtype)
+    gen, k = seeded_gen("cond", dtype), 24
+    m = spd((4,), k, cond, gen).to(dtype)
+    a = nonsingular((4,), k, cond, gen).to(dtype)
     b = torch.randn(4, k, 2, generator=gen, dtype=dtype)
     for (x, info), (ref, _) in [
         (OPS.inv_sqrt_spd(m), smallmat.inv_sqrt_spd_torch(m.double())),
@@ -138,26 +99,26 @@ def test_accuracy_scales_with_condition_number(dtype):
         (OPS.solve(a, b), smallmat.solve_torch(a.double(), b.double())),
     ]:
         assert (info == 0).all()
-        assert _rel_err(x, ref) < _rtol(dtype, cond)
+        assert rel_err(x, ref) < rtol(dtype, cond)
 
 
 @pytest.mark.parametrize("ncols", [1, 17])
 def test_solve_column_counts_and_broadcasting(ncols):
-    gen, k = _gen("bcast", ncols), 9
-    a = _nonsingular((3, 1), k, 10.0, gen)
+    gen, k = seeded_gen("bcast", ncols), 9
+    a = nonsingular((3, 1), k, 10.0, gen)
     b = torch.randn(4, k, ncols, generator=gen, dtype=torch.float64)
     x, info = OPS.solve(a, b)
     ref, _ = torch.linalg.solve_ex(a, b)
     assert x.shape == (3, 4, k, ncols) and info.shape == (3, 4) and (info == 0).all()
-    assert _rel_err(x, ref) < 1e-12
+    assert rel_err(x, ref) < 1e-12
     x1, info1 = OPS.solve(a[0, 0], b)  # unbatched a, batched b
     assert x1.shape == (4, k, ncols) and info1.shape == (4,)
-    assert _rel_err(x1, torch.linalg.solve(a[0, 0], b)) < 1e-12
+    assert rel_err(x1, torch.linalg.solve(a[0, 0], b)) < 1e-12
 
 
 def test_noncontiguous_inputs_and_lower_triangle_semantics():
-    gen, k = _gen("strides"), 10
-    m = _spd((3,), k, 50.0, gen)
+    gen, k = seeded_gen("strides"), 10
+    m = spd((3,), k, 50.0, gen)
     mt = m.transpose(0, 2).contiguous().transpose(0, 2)  # same values, other strides
     assert not mt.is_contiguous()
     for op in (OPS.inv_sqrt_spd, OPS.cholesky_upper_inverse):
@@ -165,9 +126,9 @@ def test_noncontiguous_inputs_and_lower_triangle_semantics():
         # like torch.linalg (UPLO='L'), only the lower triangle is read
         junk = m.tril() + torch.randn(3, k, k, generator=gen, dtype=torch.float64).triu(1)
         assert torch.equal(op(junk)[0], op(m)[0])
-    a = _nonsingular((3,), k, 10.0, gen)
+    a = nonsingular((3,), k, 10.0, gen)
     b = torch.randn(3, 5, k, generator=gen, dtype=torch.float64).mT  # non-contiguous b
-    assert _rel_err(OPS.solve(a.mT, b)[0], torch.linalg.solve(a.mT, b)) < 1e-12
+    assert rel_err(OPS.solve(a.mT, b)[0], torch.linalg.solve(a.mT, b)) < 1e-12
 
 
 def test_empty_batch_and_empty_matrices():
@@ -183,8 +144,8 @@ def test_empty_batch_and_empty_matrices():
 
 
 def test_thread_count_does_not_change_results():
-    gen, k = _gen("threads"), 16
-    m = _spd((64,), k, 100.0, gen)
+    gen, k = seeded_gen("threads"), 16
+    m = spd((64,), k, 100.0, gen)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -199,33 +160,13 @@ def test_thread_count_does_not_change_results():
 
 # ------------------------------------------------------------------------------ failures
 
-BAD = (1, 4)  # bad batch entries among 6
-
-
-def _check_flags(x, info, bad=BAD):
-    """info nonzero exactly at ``bad``; those outputs NaN, the others finite."""
-    mask = torch.zeros(info.shape, dtype=torch.bool)
-    mask[list(bad)] = True
-    assert (info[mask] != 0).all(), info
-    assert (info[~mask] == 0).all(), info
-    assert torch.isnan(x[mask]).all()
-    assert torch.isfinite(x[~mask]).all()
-
-
-def _pd_with_negative_pivot(k, p, gen):
-    """L D L^T with unit lower L and D[p] < 0: leading minors 1..p are PD, minor p+1 is not."""
-    low = torch.randn(k, k, generator=gen, dtype=torch.float64).tril(-1) * 0.3 + torch.eye(k, dtype=torch.float64)
-    d = torch.rand(k, generator=gen, dtype=torch.float64) + 0.5
-    d[p] = -d[p]
-    return (low * d) @ low.T
-
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k", [1, 5, 40])
 def test_inv_sqrt_spd_flags_exactly_the_bad_entries(k, dtype):
-    gen = _gen("isq-bad", k, dtype)
-    m = _spd((6,), k, 10.0, gen)
-    q = _orthogonal((), k, gen)
+    gen = seeded_gen("isq-bad", k, dtype)
+    m = spd((6,), k, 10.0, gen)
+    q = orthogonal((), k, gen)
     nneg = min(2, k)
     lam = torch.linspace(1, 2, k, dtype=torch.float64)
     lam[:nneg] = -lam[:nneg]
@@ -237,39 +178,39 @@ def test_inv_sqrt_spd_flags_exactly_the_bad_entries(k, dtype):
     if k == 1:
         m[4] = 0.0  # a lone tiny eigenvalue is well conditioned (the test is scale-invariant)
     x, info = OPS.inv_sqrt_spd(m.to(dtype))
-    _check_flags(x, info)
+    check_flags(x, info)
     assert info[1] == nneg  # counts the non-positive eigenvalues, like the eigh formulation
     ref, _ = smallmat.inv_sqrt_spd_torch(m.to(dtype).double())
     good = [0, 2, 3, 5]
-    assert _rel_err(x[good], ref[good]) < _rtol(dtype, 10.0)
+    assert rel_err(x[good], ref[good]) < rtol(dtype, 10.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k", [1, 5, 40])
 def test_cholesky_flags_exactly_the_bad_entries(k, dtype):
-    gen = _gen("chol-bad", k, dtype)
-    m = _spd((6,), k, 10.0, gen)
+    gen = seeded_gen("chol-bad", k, dtype)
+    m = spd((6,), k, 10.0, gen)
     p = k // 2
-    m[1] = _pd_with_negative_pivot(k, p, gen)
+    m[1] = pd_with_negative_pivot(k, p, gen)
     m[4] = 0.0
     m[4, ..., 0, 0] = 1.0  # PSD, singular: second pivot is zero (or first when k == 1)
     if k == 1:
         m[4] = 0.0
     x, info = OPS.cholesky_upper_inverse(m.to(dtype))
-    _check_flags(x, info)
+    check_flags(x, info)
     assert info[1].item() == p + 1  # LAPACK potrf convention: order of the failing minor
     assert info[1].item() == torch.linalg.cholesky_ex(m[1]).info.item()
     assert info[4].item() == (1 if k == 1 else 2)
     ref, _ = smallmat.cholesky_upper_inverse_torch(m.to(dtype).double())
     good = [0, 2, 3, 5]
-    assert _rel_err(x[good], ref[good]) < _rtol(dtype, 10.0)
+    assert rel_err(x[good], ref[good]) < rtol(dtype, 10.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k", [1, 5, 40])
 def test_solve_flags_exactly_the_bad_entries(k, dtype):
-    gen = _gen("solve-bad", k, dtype)
-    a = _nonsingular((6,), k, 10.0, gen)
+    gen = seeded_gen("solve-bad", k, dtype)
+    a = nonsingular((6,), k, 10.0, gen)
     b = torch.randn(6, k, 3, generator=gen, dtype=torch.float64)
     if k == 1:
         a[1] = 0.0
@@ -282,27 +223,27 @@ def test_solve_flags_exactly_the_bad_entries(k, dtype):
     else:
         a[4] = 0.0
     x, info = OPS.solve(a.to(dtype), b.to(dtype))
-    _check_flags(x, info)
+    check_flags(x, info)
     assert (info[[1, 4]] > 0).all()  # 1-based index of the failing pivot
     ref, _ = smallmat.solve_torch(a.to(dtype).double(), b.to(dtype).double())
     good = [0, 2, 3, 5]
-    assert _rel_err(x[good], ref[good]) < _rtol(dtype, 10.0)
+    assert rel_err(x[good], ref[good]) < rtol(dtype, 10.0)
 
 
 @pytest.mark.parametrize("where", ["nan", "inf"])
 def test_non_finite_inputs_give_info_minus_one(where):
-    gen, k = _gen("nonfinite", where), 6
+    gen, k = seeded_gen("nonfinite", where), 6
     bad = float("nan") if where == "nan" else float("inf")
-    m = _spd((6,), k, 10.0, gen)
+    m = spd((6,), k, 10.0, gen)
     m[1, 3, 2] = bad  # lower triangle: read by every op
     m[4, 0, 0] = bad
     b = torch.randn(6, k, 2, generator=gen, dtype=torch.float64)
     for x, info in (OPS.inv_sqrt_spd(m), OPS.cholesky_upper_inverse(m), OPS.solve(m, b)):
-        _check_flags(x, info)
+        check_flags(x, info)
         assert (info[list(BAD)] == -1).all()
     b[2, 0, 1] = bad  # a bad right-hand side fails that entry of solve too
     x, info = OPS.solve(m, b)
-    _check_flags(x, info, bad=(1, 2, 4))
+    check_flags(x, info, bad=(1, 2, 4))
 
 
 # ------------------------------------------------------------------------------ argument checks
@@ -339,9 +280,9 @@ def test_solve_bad_arguments_raise_clear_errors():
 
 
 def _opcheck_args():
-    gen = _gen("opcheck")
+    gen = seeded_gen("opcheck")
     for shape, k, dtype in [((), 4, torch.float64), ((3,), 5, torch.float32), ((2, 2), 3, torch.float64)]:
-        m = _spd(shape, k, 10.0, gen).to(dtype)
+        m = spd(shape, k, 10.0, gen).to(dtype)
         b = torch.randn(*shape, k, 2, generator=gen, dtype=torch.float64).to(dtype)
         yield m, b
 
@@ -380,9 +321,9 @@ def test_torch_compile_fullgraph(backend, dynamic):
 
     torch._dynamo.reset()
     compiled = torch.compile(_step, fullgraph=True, backend=backend, dynamic=dynamic)
-    gen = _gen("compile", backend)
+    gen = seeded_gen("compile", backend)
     for batch, k in [((4,), 6), ((2, 3), 5)]:
-        m = _spd(batch, k, 10.0, gen).float()
+        m = spd(batch, k, 10.0, gen).float()
         b = torch.randn(*batch, k, 3, generator=gen)
         out, ref = compiled(m, b), _step(m, b)
         for o, r in zip(out, ref):
