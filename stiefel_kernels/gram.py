@@ -198,14 +198,9 @@ def drift_correction(k: Tensor, tol: float, iters: int = 4) -> Tensor:
     always converges, quadratically near ``I`` (the usual case: a few steps reach rounding).
     A badly drifted ``K`` is corrected partly in one step and fully over the next ones.
     """
-    r = k.shape[-1]
-    eye = _eye(k, r)
+    eye = _eye(k, k.shape[-1])
     err = torch.linalg.matrix_norm(k - eye)
-    c = k.abs().sum(dim=-1).amax(dim=-1)[..., None, None]
-    y, z = k / c, eye
-    for _ in range(iters):
-        t = 0.5 * (3.0 * eye - z @ y)
-        y, z = y @ t, t @ z
+    z, c = smallmat.newton_schulz_inv_sqrt(k, iters)
     return torch.where((err > tol)[..., None, None], z * c.rsqrt(), eye)
 
 

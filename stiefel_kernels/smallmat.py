@@ -5,11 +5,18 @@ Each function takes a batch ``(..., k, k)`` and returns ``(result, info)`` where
 failed (the result is then not to be trusted). No function reads ``info`` on the host, so none
 synchronizes with the device; the optimizer folds ``info`` into a flag it reads lazily.
 
-Dispatch: the native op of ``stiefel_kernels._C`` where it is built for the tensor's device
-and measured faster (see :data:`NATIVE_INV_SQRT_MAX_K`), otherwise the torch.linalg formulation
-below (also the oracle in the tests). ``STIEFEL_KERNELS_NO_NATIVE=1`` forces torch.linalg.
-The native ops fill failed entries with NaN; the torch.linalg ones return whatever LAPACK gives.
-Either way ``info`` says which entries failed.
+Dispatch (:func:`implementation`): the native op of ``stiefel_kernels._C`` where it is built for
+the tensor's device and measured faster, otherwise the torch.linalg formulation below (also the
+oracle in the tests):
+
+* CPU: native, except ``inv_sqrt_spd`` for ``k > NATIVE_INV_SQRT_MAX_K`` (measured, see there).
+* CUDA: torch.linalg. The CUDA kernels (one block per matrix, ``csrc/cuda/``) are tested on the
+  CPU by emulation and compile-checked, but no GPU has measured them yet, so they are opt-in.
+
+``STIEFEL_KERNELS_SMALLMAT=native`` forces the native ops (an error where they are not built),
+``=torch`` forces torch.linalg (``STIEFEL_KERNELS_NO_NATIVE=1`` is the same), ``=auto`` is the
+default above. The native ops fill failed entries with NaN; the torch.linalg ones return whatever
+LAPACK gives. Either way ``info`` says which entries failed.
 """
 from __future__ import annotations
 
@@ -20,8 +27,9 @@ from torch import Tensor
 
 from . import _native
 
-__all__ = ["inv_sqrt_spd", "cholesky_upper_inverse", "solve", "inv_sqrt_spd_torch",
-           "cholesky_upper_inverse_torch", "solve_torch"]
+__all__ = ["inv_sqrt_spd", "cholesky_upper_inverse", "solve", "implementation",
+           "inv_sqrt_spd_torch", "cholesky_upper_inverse_torch", "solve_torch",
+           "inv_sqrt_spd_newton_schulz", "newton_schulz_inv_sqrt"]
 
 
 #: Largest k for which the native CPU ``inv_sqrt_spd`` is the default. Measured with
@@ -31,12 +39,38 @@ __all__ = ["inv_sqrt_spd", "cholesky_upper_inverse", "solve", "inv_sqrt_spd_torc
 NATIVE_INV_SQRT_MAX_K = 64
 
 
+#: Whether the native CUDA kernels are the default on CUDA. False until a GPU measures them
+#: against torch.linalg with ``bench/bench_smallmat.py`` (issue 5's GPU half is pending).
+NATIVE_CUDA_DEFAULT = False
+
+_MODES = ("auto", "native", "torch")
+
+
+def implementation(op: str, device_type: str, k: int) -> str:
+    """``"native"`` or ``"torch"``: what ``op`` runs for a ``(..., k, k)`` input on ``device_type``."""
+    mode = os.environ.get("STIEFEL_KERNELS_SMALLMAT", "auto")
+    if mode not in _MODES:
+        raise ValueError(f"STIEFEL_KERNELS_SMALLMAT must be one of {_MODES}, got {mode!r}")
+    if os.environ.get("STIEFEL_KERNELS_NO_NATIVE") == "1" or mode == "torch":
+        return "torch"
+    built = _native.has_op(op, device_type)
+    if mode == "native":
+        if not built:
+            raise RuntimeError(
+                f"STIEFEL_KERNELS_SMALLMAT=native but stiefel_kernels._C has no {device_type} kernel "
+                f"for {op} (extension not built, or built without CUDA: {_native.load_error})")
+        return "native"
+    if not built:
+        return "torch"
+    if device_type == "cpu":
+        return "torch" if op == "inv_sqrt_spd" and k > NATIVE_INV_SQRT_MAX_K else "native"
+    if device_type == "cuda" and NATIVE_CUDA_DEFAULT:
+        return "native"
+    return "torch"
+
+
 def _use_native(t: Tensor, op: str) -> bool:
-    if os.environ.get("STIEFEL_KERNELS_NO_NATIVE") == "1":
-        return False
-    if op == "inv_sqrt_spd" and t.device.type == "cpu" and t.shape[-1] > NATIVE_INV_SQRT_MAX_K:
-        return False
-    return _native.has_op(op, t.device.type)
+    return implementation(op, t.device.type, t.shape[-1]) == "native"
 
 
 def inv_sqrt_spd_torch(m: Tensor) -> tuple[Tensor, Tensor]:
@@ -45,6 +79,41 @@ def inv_sqrt_spd_torch(m: Tensor) -> tuple[Tensor, Tensor]:
     info = (evals <= 0).sum(dim=-1).to(torch.int32)
     inv_sqrt = evals.clamp_min(torch.finfo(m.dtype).tiny).rsqrt()
     return (evecs * inv_sqrt.unsqueeze(-2)) @ evecs.mT, info
+
+
+def newton_schulz_inv_sqrt(m: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """Coupled Newton–Schulz on ``M / c``: returns ``(Z, c)`` with ``Z c^(-1/2) ~ M^(-1/2)``.
+
+    ``c`` (``(..., 1, 1)``) is the largest absolute row sum of ``M``, an upper bound of its
+    largest eigenvalue, so the spectrum of ``M / c`` lies in ``(0, 1]`` for SPD ``M``, where the
+    iteration ``T = (3I - Z Y) / 2, Y <- Y T, Z <- T Z`` converges: about ``log_1.5(cond)``
+    steps to reach the quadratic phase, then a few more. Matrix products only: no host sync.
+    """
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m)
+    c = m.abs().sum(dim=-1).amax(dim=-1)[..., None, None]
+    y, z = m / c, eye
+    for _ in range(iters):
+        t = 0.5 * (3.0 * eye - z @ y)
+        y, z = y @ t, t @ z
+    return z, c
+
+
+def inv_sqrt_spd_newton_schulz(m: Tensor, iters: int = 20) -> tuple[Tensor, Tensor]:
+    """``M^(-1/2)`` by :func:`newton_schulz_inv_sqrt`, a fixed number of steps (no host sync).
+
+    20 steps reach the dtype's rounding level up to condition number ~1e4 (float32 and float64,
+    k = 8..128). ``info``: -1 for a non-finite input, -2 where the residual
+    ``||X M X - I||_F`` exceeds ``sqrt(eps)`` (not converged: ill-conditioned or not positive
+    definite; unlike the eigh formulation this does not count the bad eigenvalues).
+    """
+    z, c = newton_schulz_inv_sqrt(m, iters)
+    x = z * c.rsqrt()
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    resid = torch.linalg.matrix_norm(x @ m @ x - eye)
+    finite = torch.isfinite(m).flatten(-2).all(dim=-1)
+    tol = torch.finfo(m.dtype).eps ** 0.5
+    info = torch.where(finite, torch.where(resid <= tol, 0, -2), -1).to(torch.int32)
+    return x, info
 
 
 def cholesky_upper_inverse_torch(m: Tensor) -> tuple[Tensor, Tensor]:
