@@ -9,7 +9,7 @@ Dispatch (:func:`implementation`): the native op of ``stiefel_kernels._C`` where
 the tensor's device and measured faster, otherwise the torch.linalg formulation below (also the
 oracle in the tests):
 
-* CPU: native, except ``inv_sqrt_spd`` for ``k > NATIVE_INV_SQRT_MAX_K`` (measured, see there).
+* CPU: native up to the measured ``NATIVE_CPU_MAX_K[op]``, torch.linalg above.
 * CUDA: torch.linalg. The CUDA kernels (one block per matrix, ``csrc/cuda/``) are tested on the
   CPU by emulation and compile-checked, but no GPU has measured them yet, so they are opt-in.
 
@@ -32,11 +32,14 @@ __all__ = ["inv_sqrt_spd", "cholesky_upper_inverse", "solve", "implementation",
            "inv_sqrt_spd_newton_schulz", "newton_schulz_inv_sqrt"]
 
 
-#: Largest k for which the native CPU ``inv_sqrt_spd`` is the default. Measured with
-#: ``bench/bench_smallmat.py`` (float32, 2 threads, 2-core CPU): native / torch.linalg.eigh speed-up
-#: 2.0-3.4x for k = 8..32, 1.3-1.4x at k = 64, 0.6-0.7x at k = 128 (batches 32..1024).
-#: Cholesky and LU are faster natively at every measured k (2.2-2.9x and 1.0-2.8x).
-NATIVE_INV_SQRT_MAX_K = 64
+#: Largest k for which each native CPU op is the default (None: every k). Measured with
+#: ``bench/bench_smallmat.py`` (float32, 2 threads, 2-core CPU, batches 32..1024;
+#: bench/results/cpu-smallmat-2026-11-24.md), speed-up of native over the best other formulation:
+#: inverse square root 1.9-3.3x for k = 8..32, 1.3-1.5x at 64, 0.6-0.7x at 128, 0.35x at 256
+#: (torch.linalg.eigh; Newton–Schulz is slower than both everywhere); Cholesky + inverse
+#: 2.2-3.4x up to k = 128, 1.1-1.2x at 256; LU solve 1.4-3.1x up to 64, 1.1-1.4x at 128,
+#: 0.75x at 256.
+NATIVE_CPU_MAX_K = {"inv_sqrt_spd": 64, "cholesky_upper_inverse": None, "solve": 128}
 
 
 #: Whether the native CUDA kernels are the default on CUDA. False until a GPU measures them
@@ -63,7 +66,8 @@ def implementation(op: str, device_type: str, k: int) -> str:
     if not built:
         return "torch"
     if device_type == "cpu":
-        return "torch" if op == "inv_sqrt_spd" and k > NATIVE_INV_SQRT_MAX_K else "native"
+        limit = NATIVE_CPU_MAX_K[op]
+        return "torch" if limit is not None and k > limit else "native"
     if device_type == "cuda" and NATIVE_CUDA_DEFAULT:
         return "native"
     return "torch"

@@ -1,4 +1,4 @@
-"""The native ops ``torch.ops.stiefel_kernels.*`` (extension ``stiefel_kernels._C``, CPU kernels).
+"""The native ops ``torch.ops.stiefel_kernels.*`` (extension ``stiefel_kernels._C``; CPU and CUDA kernels).
 
 Each op is compared with its torch.linalg formulation in :mod:`stiefel_kernels.smallmat`
 evaluated in float64 on the very input the op got (a float32 input is widened exactly), on fresh
@@ -18,10 +18,36 @@ from _smallmat_inputs import (BAD, check_flags, nonsingular, orthogonal,  # noqa
                               pd_with_negative_pivot, rel_err, rtol, seeded_gen, spd)
 
 OPS = torch.ops.stiefel_kernels
+# The CUDA kernels join every device-generic test below on a machine with a GPU and a CUDA build
+# of the extension (there the same assertions hold them to the same float64 oracles).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _native.has_op("solve", "cuda")
+                     else [])
 DTYPES = [torch.float32, torch.float64]
 # (k, batch shape): sizes 1..256, unbatched and batched, total runtime a few seconds.
 CASES = [(1, ()), (1, (7,)), (3, ()), (3, (2, 5)), (12, (6,)), (12, ()), (48, (3,)),
          (48, (2, 2)), (128, (2,)), (128, ()), (256, ()), (256, (2,))]
+
+
+
+
+class _OnDevice:
+    """``torch.ops.stiefel_kernels`` run on ``device``: inputs moved there, results back to CPU."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __getattr__(self, name):
+        op = getattr(OPS, name)
+
+        def run(*args):
+            return tuple(t.cpu() for t in op(*(a.to(self.device) for a in args)))
+        return run
+
+
+@pytest.fixture(params=DEVICES)
+def ops(request):
+    """The native ops on each device this machine has a kernel for (CPU: the ops themselves)."""
+    return OPS if request.param == "cpu" else _OnDevice(request.param)
 
 
 # ------------------------------------------------------------------------------ accuracy
@@ -37,10 +63,10 @@ def test_all_ops_registered_for_cpu():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k,batch", CASES)
-def test_inv_sqrt_spd_matches_eigh(k, batch, dtype):
+def test_inv_sqrt_spd_matches_eigh(ops, k, batch, dtype):
     cond = 1e3
     m = spd(batch, k, cond, seeded_gen("isq", k, batch, dtype)).to(dtype)
-    x, info = OPS.inv_sqrt_spd(m)
+    x, info = ops.inv_sqrt_spd(m)
     ref, ref_info = smallmat.inv_sqrt_spd_torch(m.double())
     assert x.dtype == dtype and x.shape == m.shape
     assert info.dtype == torch.int32 and info.shape == m.shape[:-2]
@@ -55,10 +81,10 @@ def test_inv_sqrt_spd_matches_eigh(k, batch, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k,batch", CASES)
-def test_cholesky_upper_inverse_matches_torch(k, batch, dtype):
+def test_cholesky_upper_inverse_matches_torch(ops, k, batch, dtype):
     cond = 1e3
     m = spd(batch, k, cond, seeded_gen("chol", k, batch, dtype)).to(dtype)
-    x, info = OPS.cholesky_upper_inverse(m)
+    x, info = ops.cholesky_upper_inverse(m)
     ref, ref_info = smallmat.cholesky_upper_inverse_torch(m.double())
     assert x.dtype == dtype and x.shape == m.shape
     assert info.dtype == torch.int32 and info.shape == m.shape[:-2]
@@ -71,12 +97,12 @@ def test_cholesky_upper_inverse_matches_torch(k, batch, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k,batch", CASES)
-def test_solve_matches_torch(k, batch, dtype):
+def test_solve_matches_torch(ops, k, batch, dtype):
     cond = 1e3
     gen = seeded_gen("solve", k, batch, dtype)
     a = nonsingular(batch, k, cond, gen).to(dtype)
     b = torch.randn(*batch, k, 3, generator=gen, dtype=torch.float64).to(dtype)
-    x, info = OPS.solve(a, b)
+    x, info = ops.solve(a, b)
     ref, ref_info = smallmat.solve_torch(a.double(), b.double())
     assert x.dtype == dtype and x.shape == b.shape
     assert info.dtype == torch.int32 and info.shape == a.shape[:-2]
@@ -86,7 +112,7 @@ def test_solve_matches_torch(k, batch, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_accuracy_scales_with_condition_number(dtype):
+def test_accuracy_scales_with_condition_number(ops, dtype):
     """Still accurate (tolerance scaled by cond) for cond 1e5 (fp32) / 1e9 (fp64)."""
     cond = 1e5 if dtype == torch.float32 else 1e9
     gen, k = seeded_gen("cond", dtype), 24
@@ -94,52 +120,52 @@ def test_accuracy_scales_with_condition_number(dtype):
     a = nonsingular((4,), k, cond, gen).to(dtype)
     b = torch.randn(4, k, 2, generator=gen, dtype=dtype)
     for (x, info), (ref, _) in [
-        (OPS.inv_sqrt_spd(m), smallmat.inv_sqrt_spd_torch(m.double())),
-        (OPS.cholesky_upper_inverse(m), smallmat.cholesky_upper_inverse_torch(m.double())),
-        (OPS.solve(a, b), smallmat.solve_torch(a.double(), b.double())),
+        (ops.inv_sqrt_spd(m), smallmat.inv_sqrt_spd_torch(m.double())),
+        (ops.cholesky_upper_inverse(m), smallmat.cholesky_upper_inverse_torch(m.double())),
+        (ops.solve(a, b), smallmat.solve_torch(a.double(), b.double())),
     ]:
         assert (info == 0).all()
         assert rel_err(x, ref) < rtol(dtype, cond)
 
 
 @pytest.mark.parametrize("ncols", [1, 17])
-def test_solve_column_counts_and_broadcasting(ncols):
+def test_solve_column_counts_and_broadcasting(ops, ncols):
     gen, k = seeded_gen("bcast", ncols), 9
     a = nonsingular((3, 1), k, 10.0, gen)
     b = torch.randn(4, k, ncols, generator=gen, dtype=torch.float64)
-    x, info = OPS.solve(a, b)
+    x, info = ops.solve(a, b)
     ref, _ = torch.linalg.solve_ex(a, b)
     assert x.shape == (3, 4, k, ncols) and info.shape == (3, 4) and (info == 0).all()
     assert rel_err(x, ref) < 1e-12
-    x1, info1 = OPS.solve(a[0, 0], b)  # unbatched a, batched b
+    x1, info1 = ops.solve(a[0, 0], b)  # unbatched a, batched b
     assert x1.shape == (4, k, ncols) and info1.shape == (4,)
     assert rel_err(x1, torch.linalg.solve(a[0, 0], b)) < 1e-12
 
 
-def test_noncontiguous_inputs_and_lower_triangle_semantics():
+def test_noncontiguous_inputs_and_lower_triangle_semantics(ops):
     gen, k = seeded_gen("strides"), 10
     m = spd((3,), k, 50.0, gen)
     mt = m.transpose(0, 2).contiguous().transpose(0, 2)  # same values, other strides
     assert not mt.is_contiguous()
-    for op in (OPS.inv_sqrt_spd, OPS.cholesky_upper_inverse):
+    for op in (ops.inv_sqrt_spd, ops.cholesky_upper_inverse):
         assert torch.equal(op(mt)[0], op(m)[0])
         # like torch.linalg (UPLO='L'), only the lower triangle is read
         junk = m.tril() + torch.randn(3, k, k, generator=gen, dtype=torch.float64).triu(1)
         assert torch.equal(op(junk)[0], op(m)[0])
     a = nonsingular((3,), k, 10.0, gen)
     b = torch.randn(3, 5, k, generator=gen, dtype=torch.float64).mT  # non-contiguous b
-    assert rel_err(OPS.solve(a.mT, b)[0], torch.linalg.solve(a.mT, b)) < 1e-12
+    assert rel_err(ops.solve(a.mT, b)[0], torch.linalg.solve(a.mT, b)) < 1e-12
 
 
-def test_empty_batch_and_empty_matrices():
+def test_empty_batch_and_empty_matrices(ops):
     for dtype in DTYPES:
         m = torch.empty(0, 4, 4, dtype=dtype)
-        for x, info in (OPS.inv_sqrt_spd(m), OPS.cholesky_upper_inverse(m),
-                        OPS.solve(m, torch.empty(0, 4, 2, dtype=dtype))):
+        for x, info in (ops.inv_sqrt_spd(m), ops.cholesky_upper_inverse(m),
+                        ops.solve(m, torch.empty(0, 4, 2, dtype=dtype))):
             assert x.shape[0] == 0 and info.shape == (0,) and info.dtype == torch.int32
         m = torch.empty(3, 0, 0, dtype=dtype)  # k = 0, as torch.linalg allows
-        for x, info in (OPS.inv_sqrt_spd(m), OPS.cholesky_upper_inverse(m),
-                        OPS.solve(m, torch.empty(3, 0, 2, dtype=dtype))):
+        for x, info in (ops.inv_sqrt_spd(m), ops.cholesky_upper_inverse(m),
+                        ops.solve(m, torch.empty(3, 0, 2, dtype=dtype))):
             assert x.shape[0] == 3 and x.numel() == 0 and torch.equal(info, torch.zeros(3, dtype=torch.int32))
 
 
@@ -163,7 +189,7 @@ def test_thread_count_does_not_change_results():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k", [1, 5, 40])
-def test_inv_sqrt_spd_flags_exactly_the_bad_entries(k, dtype):
+def test_inv_sqrt_spd_flags_exactly_the_bad_entries(ops, k, dtype):
     gen = seeded_gen("isq-bad", k, dtype)
     m = spd((6,), k, 10.0, gen)
     q = orthogonal((), k, gen)
@@ -177,7 +203,7 @@ def test_inv_sqrt_spd_flags_exactly_the_bad_entries(k, dtype):
     m[4] = (q * lam) @ q.T
     if k == 1:
         m[4] = 0.0  # a lone tiny eigenvalue is well conditioned (the test is scale-invariant)
-    x, info = OPS.inv_sqrt_spd(m.to(dtype))
+    x, info = ops.inv_sqrt_spd(m.to(dtype))
     check_flags(x, info)
     assert info[1] == nneg  # counts the non-positive eigenvalues, like the eigh formulation
     ref, _ = smallmat.inv_sqrt_spd_torch(m.to(dtype).double())
@@ -187,7 +213,7 @@ def test_inv_sqrt_spd_flags_exactly_the_bad_entries(k, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k", [1, 5, 40])
-def test_cholesky_flags_exactly_the_bad_entries(k, dtype):
+def test_cholesky_flags_exactly_the_bad_entries(ops, k, dtype):
     gen = seeded_gen("chol-bad", k, dtype)
     m = spd((6,), k, 10.0, gen)
     p = k // 2
@@ -196,7 +222,7 @@ def test_cholesky_flags_exactly_the_bad_entries(k, dtype):
     m[4, ..., 0, 0] = 1.0  # PSD, singular: second pivot is zero (or first when k == 1)
     if k == 1:
         m[4] = 0.0
-    x, info = OPS.cholesky_upper_inverse(m.to(dtype))
+    x, info = ops.cholesky_upper_inverse(m.to(dtype))
     check_flags(x, info)
     assert info[1].item() == p + 1  # LAPACK potrf convention: order of the failing minor
     assert info[1].item() == torch.linalg.cholesky_ex(m[1]).info.item()
@@ -208,7 +234,7 @@ def test_cholesky_flags_exactly_the_bad_entries(k, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k", [1, 5, 40])
-def test_solve_flags_exactly_the_bad_entries(k, dtype):
+def test_solve_flags_exactly_the_bad_entries(ops, k, dtype):
     gen = seeded_gen("solve-bad", k, dtype)
     a = nonsingular((6,), k, 10.0, gen)
     b = torch.randn(6, k, 3, generator=gen, dtype=torch.float64)
@@ -222,7 +248,7 @@ def test_solve_flags_exactly_the_bad_entries(k, dtype):
         a[4, 0, 0] += 1e-3 * torch.finfo(dtype).eps * a[4].abs().max()  # within rounding of rank one
     else:
         a[4] = 0.0
-    x, info = OPS.solve(a.to(dtype), b.to(dtype))
+    x, info = ops.solve(a.to(dtype), b.to(dtype))
     check_flags(x, info)
     assert (info[[1, 4]] > 0).all()  # 1-based index of the failing pivot
     ref, _ = smallmat.solve_torch(a.to(dtype).double(), b.to(dtype).double())
@@ -231,18 +257,18 @@ def test_solve_flags_exactly_the_bad_entries(k, dtype):
 
 
 @pytest.mark.parametrize("where", ["nan", "inf"])
-def test_non_finite_inputs_give_info_minus_one(where):
+def test_non_finite_inputs_give_info_minus_one(ops, where):
     gen, k = seeded_gen("nonfinite", where), 6
     bad = float("nan") if where == "nan" else float("inf")
     m = spd((6,), k, 10.0, gen)
     m[1, 3, 2] = bad  # lower triangle: read by every op
     m[4, 0, 0] = bad
     b = torch.randn(6, k, 2, generator=gen, dtype=torch.float64)
-    for x, info in (OPS.inv_sqrt_spd(m), OPS.cholesky_upper_inverse(m), OPS.solve(m, b)):
+    for x, info in (ops.inv_sqrt_spd(m), ops.cholesky_upper_inverse(m), ops.solve(m, b)):
         check_flags(x, info)
         assert (info[list(BAD)] == -1).all()
     b[2, 0, 1] = bad  # a bad right-hand side fails that entry of solve too
-    x, info = OPS.solve(m, b)
+    x, info = ops.solve(m, b)
     check_flags(x, info, bad=(1, 2, 4))
 
 
@@ -287,11 +313,12 @@ def _opcheck_args():
         yield m, b
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["inv_sqrt_spd", "cholesky_upper_inverse", "solve"])
-def test_opcheck(name):
+def test_opcheck(name, device):
     op = getattr(OPS, name).default
     for m, b in _opcheck_args():
-        args = (m, b) if name == "solve" else (m,)
+        args = (m.to(device), b.to(device)) if name == "solve" else (m.to(device),)
         torch.library.opcheck(op, args)
 
 

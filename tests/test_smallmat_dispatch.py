@@ -26,8 +26,10 @@ def _pretend_built(monkeypatch, devices=("cpu", "cuda")):
 def test_auto_policy_is_the_measured_one(env, op):
     _pretend_built(env)
     assert smallmat.implementation(op, "cpu", 8) == "native"
-    big = smallmat.NATIVE_INV_SQRT_MAX_K + 1
-    assert smallmat.implementation(op, "cpu", big) == ("torch" if op == "inv_sqrt_spd" else "native")
+    limit = smallmat.NATIVE_CPU_MAX_K[op]
+    assert smallmat.implementation(op, "cpu", limit or 512) == "native"
+    if limit is not None:
+        assert smallmat.implementation(op, "cpu", limit + 1) == "torch"
     # CUDA kernels are opt-in until a GPU has measured them.
     assert smallmat.NATIVE_CUDA_DEFAULT is False
     assert smallmat.implementation(op, "cuda", 8) == "torch"
