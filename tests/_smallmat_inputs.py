@@ -9,8 +9,6 @@ import zlib
 import torch
 
 BAD = (1, 4)  # bad batch entries among 6
-
-
 # Relative (Frobenius) error allowed up to condition number 1e3; scaled linearly beyond.
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -64,7 +62,8 @@ def check_flags(x, info, bad=BAD):
 
 def pd_with_negative_pivot(k, p, gen):
     """L D L^T with unit lower L and D[p] < 0: leading minors 1..p are PD, minor p+1 is not."""
-    low = torch.randn(k, k, generator=gen, dtype=torch.float64).tril(-1) * 0.3 + torch.eye(k, dtype=torch.float64)
+    low = torch.randn(k, k, generator=gen, dtype=torch.float64).tril(-1) * 0.3
+    low = low + torch.eye(k, dtype=torch.float64)
     d = torch.rand(k, generator=gen, dtype=torch.float64) + 0.5
     d[p] = -d[p]
     return (low * d) @ low.T
