@@ -1,8 +1,10 @@
-// Argument checks shared by every backend of the batched small-matrix ops (declared in
+// Argument checks and argument preparation shared by every backend of the batched small-matrix ops (declared in
 // smallmat.h): the CPU and CUDA kernels reject the same inputs with the same messages, and so do
 // the fake kernels in stiefel_kernels/_fake_kernels.py.
+#include <ATen/ExpandUtils.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
 #include "smallmat.h"
 
@@ -27,6 +29,19 @@ void check_solve_args(const at::Tensor& a, const at::Tensor& b) {
               "same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
   TORCH_CHECK(a.device() == b.device(), "stiefel_kernels::solve: a and b must be on the same "
               "device, got ", a.device(), " and ", b.device());
+}
+
+SolveOperands broadcast_solve_operands(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t k = a.size(-1);
+  const int64_t n = b.size(-1);
+  std::vector<int64_t> batch_shape = at::infer_size(a.sizes().slice(0, a.dim() - 2),
+                                                    b.sizes().slice(0, b.dim() - 2));
+  std::vector<int64_t> a_shape(batch_shape), b_shape(batch_shape);
+  a_shape.insert(a_shape.end(), {k, k});
+  b_shape.insert(b_shape.end(), {k, n});
+  const int64_t batch = c10::multiply_integers(batch_shape);
+  return {a.expand(a_shape).contiguous(), b.expand(b_shape).contiguous(), std::move(batch_shape),
+          batch};
 }
 
 }  // namespace stiefel_kernels

@@ -11,7 +11,6 @@
 // inputs follows torch.linalg: inv_sqrt_spd and cholesky_upper_inverse read only the lower
 // triangle (like eigh / cholesky with their default UPLO='L'), solve reads all of A.
 #include <ATen/Dispatch.h>
-#include <ATen/ExpandUtils.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -475,17 +474,12 @@ std::tuple<at::Tensor, at::Tensor> solve_cpu(const at::Tensor& a_in, const at::T
   check_cpu(a_in, "solve");
   const int64_t k = a_in.size(-1);
   const int64_t n = b_in.size(-1);
-  // Batch dims broadcast like torch.linalg.solve.
-  const auto batch_shape = at::infer_size(a_in.sizes().slice(0, a_in.dim() - 2),
-                                          b_in.sizes().slice(0, b_in.dim() - 2));
-  std::vector<int64_t> a_shape(batch_shape), b_shape(batch_shape);
-  a_shape.insert(a_shape.end(), {k, k});
-  b_shape.insert(b_shape.end(), {k, n});
-  const at::Tensor a = a_in.expand(a_shape).contiguous();
-  const at::Tensor b = b_in.expand(b_shape).contiguous();
-  const int64_t batch = c10::multiply_integers(batch_shape);
-  at::Tensor out = at::empty(b_shape, b.options());
-  at::Tensor info = new_info(a, batch_shape);
+  const SolveOperands operands = broadcast_solve_operands(a_in, b_in);
+  const at::Tensor& a = operands.a;
+  const at::Tensor& b = operands.b;
+  const int64_t batch = operands.batch;
+  at::Tensor out = at::empty(b.sizes(), b.options());
+  at::Tensor info = new_info(a, operands.batch_shape);
   int32_t* info_p = info.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "solve_cpu", [&] {
     const scalar_t* pa = a.const_data_ptr<scalar_t>();

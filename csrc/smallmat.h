@@ -9,12 +9,23 @@
 #include <ATen/core/Tensor.h>
 
 #include <tuple>
+#include <vector>
 
 namespace stiefel_kernels {
 
 // Argument checks (op_checks.cpp); TORCH_CHECK with a message naming the op.
 void check_square_batch(const at::Tensor& m, const char* op);
 void check_solve_args(const at::Tensor& a, const at::Tensor& b);
+
+// solve's operands with their batch dims broadcast like torch.linalg.solve, made contiguous:
+// a (batch_shape..., k, k), b (batch_shape..., k, n); batch = prod(batch_shape).
+struct SolveOperands {
+  at::Tensor a;
+  at::Tensor b;
+  std::vector<int64_t> batch_shape;
+  int64_t batch;
+};
+SolveOperands broadcast_solve_operands(const at::Tensor& a, const at::Tensor& b);
 
 // CPU kernels (ops_cpu.cpp).
 std::tuple<at::Tensor, at::Tensor> inv_sqrt_spd_cpu(const at::Tensor& m);

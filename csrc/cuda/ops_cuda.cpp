@@ -10,15 +10,12 @@
 // workspace through torch's caching allocator (reused from call to call, capture-safe), and
 // launches on the current stream. No host synchronization: info stays on the device.
 #include <ATen/Dispatch.h>
-#include <ATen/ExpandUtils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
-
-#include <vector>
 
 #include "cuda/smallmat_cuda.h"
 #include "smallmat.h"
@@ -100,17 +97,12 @@ std::tuple<at::Tensor, at::Tensor> solve_cuda(const at::Tensor& a_in, const at::
   check_size(k, "solve", "k");
   check_size(n, "solve", "the number of right-hand sides");
   const c10::DeviceGuard guard(a_in.device());
-  // Batch dims broadcast like torch.linalg.solve (and like the CPU kernel).
-  const auto batch_shape = at::infer_size(a_in.sizes().slice(0, a_in.dim() - 2),
-                                          b_in.sizes().slice(0, b_in.dim() - 2));
-  std::vector<int64_t> a_shape(batch_shape), b_shape(batch_shape);
-  a_shape.insert(a_shape.end(), {k, k});
-  b_shape.insert(b_shape.end(), {k, n});
-  const at::Tensor a = a_in.expand(a_shape).contiguous();
-  const at::Tensor b = b_in.expand(b_shape).contiguous();
-  const int64_t batch = c10::multiply_integers(batch_shape);
-  at::Tensor out = at::empty(b_shape, b.options());
-  at::Tensor info = new_info(a, batch_shape);
+  const SolveOperands operands = broadcast_solve_operands(a_in, b_in);
+  const at::Tensor& a = operands.a;
+  const at::Tensor& b = operands.b;
+  const int64_t batch = operands.batch;
+  at::Tensor out = at::empty(b.sizes(), b.options());
+  at::Tensor info = new_info(a, operands.batch_shape);
   if (batch == 0) return {out, info};
   if (k == 0 || n == 0) return {out, info.zero_()};
   const cuda::LaunchPlan plan = cuda::launch_plan(cuda::SmallmatOp::kSolve, batch, k, n);
