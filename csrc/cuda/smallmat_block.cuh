@@ -86,14 +86,21 @@ SK_DEVICE int pow2_ceil(int n) {
 // Tree reductions over `red` in a fixed order (deterministic for a given block size); they start
 // and end with a barrier, so they also publish every global-memory write made before the call.
 
-template <class Blk>
-SK_DEVICE double block_sum(const Blk& blk, double* red, double v) {
+struct Add {
+  SK_DEVICE double operator()(double a, double b) const { return a + b; }
+};
+struct Max {
+  SK_DEVICE double operator()(double a, double b) const { return b > a ? b : a; }
+};
+
+template <class Blk, class Combine>
+SK_DEVICE double block_reduce(const Blk& blk, double* red, double v, Combine combine) {
   const int t = blk.tid();
   const int n = blk.size();
   red[t] = v;
   blk.sync();
   for (int s = pow2_ceil(n) / 2; s > 0; s >>= 1) {
-    if (t < s && t + s < n) red[t] += red[t + s];
+    if (t < s && t + s < n) red[t] = combine(red[t], red[t + s]);
     blk.sync();
   }
   const double r = red[0];
@@ -102,18 +109,13 @@ SK_DEVICE double block_sum(const Blk& blk, double* red, double v) {
 }
 
 template <class Blk>
+SK_DEVICE double block_sum(const Blk& blk, double* red, double v) {
+  return block_reduce(blk, red, v, Add{});
+}
+
+template <class Blk>
 SK_DEVICE double block_max(const Blk& blk, double* red, double v) {
-  const int t = blk.tid();
-  const int n = blk.size();
-  red[t] = v;
-  blk.sync();
-  for (int s = pow2_ceil(n) / 2; s > 0; s >>= 1) {
-    if (t < s && t + s < n && red[t + s] > red[t]) red[t] = red[t + s];
-    blk.sync();
-  }
-  const double r = red[0];
-  blk.sync();
-  return r;
+  return block_reduce(blk, red, v, Max{});
 }
 
 // Largest v over the block, ties to the smallest index i; the result comes back in (v, i).
