@@ -2,23 +2,31 @@
 
 :func:`make_riemannian` registers two hooks on *your* optimizer (it stays a real
 ``torch.optim.Optimizer``: ``state_dict``, ``load_state_dict``, param groups and
-``torch.optim.lr_scheduler.*`` work as before):
+``torch.optim.lr_scheduler.*`` work as before). For a factor ``Y`` (column form ``m x r``,
+``m >= r``, orthonormal columns; ``m`` is the long side):
 
 * **pre-step hook** (``register_step_pre_hook``): Euclidean -> Riemannian gradient, in place,
-  ``grad <- s * (grad - Y grad^T Y)`` with StelLA's gradient scaling ``s = sqrt(d / m)``
-  (``m`` = long side of the factor: rows of ``U``, rows of ``V``; ``d`` = the layer's input
-  dimension by default), and a copy of ``Y`` is kept.
+  ``grad <- grad - Y grad^T Y`` (no scaling here), and a copy ``Y_old`` of ``Y`` is kept.
 * **post-step hook** (``register_step_post_hook``): the optimizer moved ``Y_old`` to ``Y_new``;
-  the update ``Delta = Y_new - Y_old`` is projected onto the tangent space,
-  ``xi = Delta - Y sym(Y^T Delta)``, and retracted by the polar decomposition,
-  ``Y <- uf(Y_old + xi)``.
+  its update ``Delta = Y_new - Y_old`` is scaled by StelLA's gradient scaling,
+  ``Delta <- Delta / sqrt(m / c)`` (skipped where ``m == c`` or scaling is off), projected onto
+  the tangent space, ``xi = Delta - Y_old sym(Y_old^T Delta)``, and retracted by the polar
+  decomposition, ``Y <- uf(Y_old + xi)``.
+
+This is the update rule of the official StelLA code (``StellaModel.pre_optimizer_step`` /
+``post_optimizer_step`` of github.com/SonyResearch/stella), where ``c`` is the model's hidden
+size (``config.hidden_size``) or a number the user gives, for ``U`` and ``V`` alike. The scaling
+acts on the optimizer's *update*, not on the gradient: under Adam a constant factor on the
+gradient cancels (up to ``eps``). See ``docs/stella.md``.
 
 Factors of the same (column-form) shape, dtype and device are stacked, and each bucket takes one
 batched call per operation (no per-factor Python loop for the math): the Riemannian gradient is
 two batched matmuls; the retraction is the Gram fast path of :mod:`stiefel_kernels.gram`
 (``K, G, H`` from :func:`~stiefel_kernels.gram.gram_pass`, ``r x r`` polar coefficients from
 :func:`~stiefel_kernels.gram.retraction_coefficients`, then ``Y = X C + D E``). That is StelLA's
-"batched SVD" idea, with an ``r x r`` eigendecomposition in place of an ``n x r`` SVD.
+"batched SVD" idea, with an ``r x r`` eigendecomposition in place of an ``m x r`` SVD. The
+scaling enters that path as its step size: with ``D = Y_old - Y_new = -Delta``,
+``xi = -s P_X(D) = P_X(s Delta)``, ``s = 1 / sqrt(m / c)``.
 
 Orientation follows the shape as everywhere in the package: a tall factor has orthonormal
 columns (StelLA's ``U``, ``V``), a wide one orthonormal rows, a stack (``ndim > 2``) is a stack.
@@ -34,6 +42,7 @@ Notes:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable, Sequence
 
 import torch
@@ -49,31 +58,55 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _check_c(value, what: str) -> float:
+    """``value`` as a float if it is a positive finite real number (not a bool), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"make_riemannian: {what} must be a positive finite number (StelLA's "
+                         f"gradient-scaling constant c, e.g. the model's hidden size), got "
+                         f"{type(value).__name__} {value!r}")
+    c = float(value)
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"make_riemannian: {what} must be a positive finite number (StelLA's "
+                         f"gradient-scaling constant c, e.g. the model's hidden size), got {value!r}")
+    return c
+
+
 @torch.no_grad()
-def riemannian_gradient_(xs: Sequence[Tensor], grads: Sequence[Tensor], scales: Sequence[float] | None = None) -> None:
-    """In place, ``grad <- s * (grad - X grad^T X)`` for same-shape column-form factors ``xs``
-    (one batched call). ``scales``: one float per factor (default 1)."""
+def riemannian_gradient_(xs: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """In place, ``grad <- grad - X grad^T X`` for same-shape column-form factors (one batched call).
+
+    Args:
+        xs: ``L`` factors, each ``(..., m, r)`` in column form (orthonormal columns).
+        grads: their gradients, same shapes (views of ``.grad`` are written in place).
+    """
     x = torch.stack(list(xs)).to(_work_dtype(xs[0].dtype))
     g = torch.stack(list(grads)).to(x.dtype)
     rg = g - x @ (g.mT @ x)
-    if scales is not None and any(s != 1.0 for s in scales):
-        s = torch.tensor(scales, dtype=x.dtype).to(x.device)
-        rg = rg * s.view(-1, *([1] * (rg.dim() - 1)))
     torch._foreach_copy_(list(grads), list(rg.unbind(0)))
 
 
 @torch.no_grad()
-def project_and_retract_(xs_new: Sequence[Tensor], x_old: Tensor) -> Tensor:
-    """In place, ``Y <- polar(X + P_X(Y - X))`` for same-shape column-form factors ``xs_new``
-    (views of the parameters) and the stacked previous points ``x_old`` (``(L, ..., n, r)``).
+def project_and_retract_(xs_new: Sequence[Tensor], x_old: Tensor,
+                         scales: float | Sequence[float] | Tensor = 1.0) -> Tensor:
+    """In place, ``Y <- polar(X + P_X(s (Y - X)))`` for same-shape column-form factors.
 
-    Gram fast path with ``D = -(Y - X)`` and ``lr = 1`` (so ``xi = -lr P_X(D) = P_X(Delta)``).
-    Returns the int32 failure flags of the ``r x r`` factorizations (``(L, ...)``).
+    Args:
+        xs_new: ``L`` factors after the optimizer's step, each ``(..., m, r)`` in column form
+            (views of the parameters; overwritten).
+        x_old: the stacked points before the step, ``(L, ..., m, r)``.
+        scales: ``s``, the scale of each factor's update ``Delta = Y - X``: one float for all,
+            or ``L`` values (StelLA's gradient scaling: ``s = 1 / sqrt(m / c)``).
+    Returns:
+        the int32 failure flags of the ``r x r`` factorizations, ``(L, ...)``.
+
+    Gram fast path with ``D = -(Y - X)`` and step size ``lr = s`` (so
+    ``xi = -s P_X(D) = P_X(s Delta)``).
     """
     y = torch.stack(list(xs_new)).to(x_old.dtype)
     d = x_old - y
     k, g, h = gram_pass(x_old, d)
-    c, e, info = retraction_coefficients(k, g, h, 1.0, "polar")
+    lr = scales if isinstance(scales, (float, int, Tensor)) else torch.tensor(list(scales), dtype=k.dtype)
+    c, e, info = retraction_coefficients(k, g, h, lr, "polar")
     out = apply_coefficients(x_old, d, c.to(x_old.dtype), e.to(x_old.dtype))
     torch._foreach_copy_(list(xs_new), list(out.unbind(0)))
     return info
@@ -85,25 +118,47 @@ class RiemannianHooks:
     Attributes:
         optimizer: the wrapped optimizer (unchanged class, still a ``torch.optim.Optimizer``).
         params: the Stiefel factors.
-        scales: gradient scale of each factor.
+        cs: StelLA's constant ``c`` of each factor (``None`` where scaling is off).
+        scales: the scale ``s = 1 / sqrt(m / c)`` applied to each factor's update (``1.0`` where
+            scaling is off or ``m == c``; ``m`` = the factor's long side).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params, *, grad_scaling: bool = True,
-                 d: int | None = None, ortho_tol: float | None = None) -> None:
+                 c: float | None = None, ortho_tol: float | None = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"make_riemannian needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
-            raise ValueError(f"make_riemannian: d must be a positive int or None, got {d!r}")
+        if not isinstance(grad_scaling, bool):
+            raise ValueError(f"make_riemannian: grad_scaling must be True or False, got "
+                             f"{type(grad_scaling).__name__} {grad_scaling!r} (give the constant as c=)")
+        if c is not None:
+            c = _check_c(c, "c")
+            if not grad_scaling:
+                raise ValueError("make_riemannian: c is given but grad_scaling=False (c would be ignored); "
+                                 "drop one of them")
         in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self.optimizer = optimizer
         self.params: list[Tensor] = []
+        self.cs: list[float | None] = []
         self.scales: list[float] = []
         seen: set[int] = set()
         for j, item in enumerate(params):
-            p, pd = item if isinstance(item, tuple) else (item, None)
+            pc = None
+            if isinstance(item, tuple):
+                if len(item) != 2:
+                    raise ValueError(f"make_riemannian: param {j} is a tuple of length {len(item)}, expected "
+                                     "a tensor or a (tensor, c) pair")
+                p, pc = item
+                if not grad_scaling:
+                    raise ValueError(f"make_riemannian: param {j} is a (tensor, c) pair but grad_scaling=False "
+                                     "(its c would be ignored); pass the tensor alone")
+                if c is not None:
+                    raise ValueError(f"make_riemannian: param {j} has its own c and c= is given too; give one")
+                pc = _check_c(pc, f"the c of param {j}")
+            else:
+                p = item
             if not isinstance(p, Tensor):
                 raise TypeError(f"make_riemannian: param {j} is a {type(p).__name__}, expected a tensor "
-                                "or a (tensor, d) pair")
+                                "or a (tensor, c) pair")
             if p.dim() < 2 or not p.is_floating_point() or p.is_complex():
                 raise ValueError(f"make_riemannian: param {j} (shape {tuple(p.shape)}, {p.dtype}) is not a "
                                  "real floating-point matrix or stack of matrices")
@@ -119,11 +174,17 @@ class RiemannianHooks:
                 raise ValueError(
                     f"make_riemannian: param {j} (shape {tuple(p.shape)}) is not orthonormal on its shorter "
                     f"side (||X^T X - I||_F = {err:.3e} > {tol:.1e}); call stiefel_kernels.orthonormalize_ first")
-            dd = d if d is not None else pd
+            pc = pc if pc is not None else c
+            if grad_scaling and pc is None:
+                raise ValueError(
+                    f"make_riemannian: param {j} (shape {tuple(p.shape)}) has no c for StelLA's gradient "
+                    "scaling (Delta / sqrt(m / c), c = the model's hidden size): pass c=, a (tensor, c) pair, "
+                    "or grad_scaling=False")
             m = as_column_form(p).shape[-2]
             self.params.append(p)
-            self.scales.append(math.sqrt(dd / m) if (grad_scaling and dd is not None) else 1.0)
-        self._pending: list[tuple[list[Tensor], Tensor]] = []
+            self.cs.append(pc)
+            self.scales.append(1.0 / math.sqrt(m / pc) if (pc is not None and m != pc) else 1.0)
+        self._pending: list[tuple[list[int], Tensor]] = []
         self._failures: Tensor | None = None
         self._pre = optimizer.register_step_pre_hook(self._pre_hook)
         self._post = optimizer.register_step_post_hook(self._post_hook)
@@ -150,14 +211,17 @@ class RiemannianHooks:
         for idx in self._buckets().values():
             xs = [as_column_form(self.params[i]) for i in idx]
             grads = [as_column_form(self.params[i].grad) for i in idx]
-            riemannian_gradient_(xs, grads, [self.scales[i] for i in idx])
+            riemannian_gradient_(xs, grads)
             x_old = torch.stack(xs).to(_work_dtype(xs[0].dtype))  # a copy: the step writes the params
             self._pending.append((idx, x_old))
 
     @torch.no_grad()
     def _post_hook(self, optimizer, args, kwargs) -> None:
         for idx, x_old in self._pending:
-            info = project_and_retract_([as_column_form(self.params[i]) for i in idx], x_old)
+            scales = [self.scales[i] for i in idx]
+            # same shape -> same m: the scales of a bucket differ only for per-factor c
+            s = scales[0] if all(v == scales[0] for v in scales) else scales
+            info = project_and_retract_([as_column_form(self.params[i]) for i in idx], x_old, s)
             n_fail = info.ne(0).sum()
             self._failures = n_fail if self._failures is None else self._failures + n_fail
         self._pending = []
@@ -173,23 +237,36 @@ class RiemannianHooks:
         self._post.remove()
 
 
-def make_riemannian(optimizer: torch.optim.Optimizer, params: Iterable[Tensor | tuple[Tensor, int]], *,
-                    grad_scaling: bool = True, d: int | None = None,
+def make_riemannian(optimizer: torch.optim.Optimizer, params: Iterable[Tensor | tuple[Tensor, float]], *,
+                    grad_scaling: bool = True, c: float | None = None,
                     ortho_tol: float | None = None) -> RiemannianHooks:
     """Turn ``optimizer`` into a Riemannian optimizer on the Stiefel factors ``params`` (StelLA).
 
+    Each step: ``grad <- grad - Y grad^T Y`` before the optimizer's step; after it, its update
+    ``Delta = Y_new - Y_old`` becomes ``Delta / sqrt(m / c)`` (gradient scaling; skipped where
+    ``m == c``), is projected onto the tangent space at ``Y_old`` and retracted by polar
+    decomposition (module docstring; the official StelLA code's rule).
+
     Args:
         optimizer: any ``torch.optim.Optimizer`` (Adam, AdamW, SGD, ...) that holds ``params``.
-        params: the factors, each a tensor or a ``(tensor, d)`` pair giving that factor's ``d``
-            (:func:`stiefel_kernels.nn.stella_riemannian_params` yields pairs with ``d`` = the
-            layer's input dimension, as in the paper). Each must already be orthonormal on its
-            shorter side (checked once, here).
-        grad_scaling: scale the Riemannian gradient by ``sqrt(d / m)``, ``m`` the factor's long
-            side (StelLA's scaling: ``sqrt(d/m)`` for ``U`` (m x r), ``sqrt(d/n)`` for ``V`` (n x r)).
-            A factor without a ``d`` is not scaled.
-        d: one ``d`` for every factor, overriding the pairs' values.
+        params: the factors, each a tensor (a matrix ``(m, r)`` / ``(r, m)`` or a stack
+            ``(..., m, r)`` / ``(..., r, m)``) or a ``(tensor, c)`` pair giving that factor's own
+            ``c``. Each must already be orthonormal on its shorter side (checked once, here).
+        grad_scaling: apply StelLA's scaling ``Delta / sqrt(m / c)`` to each factor's update,
+            ``m`` = the factor's long side (rows of ``U`` (``out x r``), rows of ``V``
+            (``in x r``)). Every factor then needs a ``c`` (``c=`` or its pair); with
+            ``grad_scaling=False`` no ``c`` may be given.
+        c: StelLA's constant for every factor without its own: the model's hidden size in the
+            official code (:func:`stiefel_kernels.nn.make_stella_optimizer` reads it from the
+            model's config). A positive finite number (int or float).
         ortho_tol: largest ``||X^T X - I||_F`` accepted now (default by dtype: 1e-4 float32).
     Returns:
-        a :class:`RiemannianHooks` handle (``.remove()``, ``.retraction_failures``).
+        a :class:`RiemannianHooks` handle (``.remove()``, ``.retraction_failures``, ``.scales``).
+    Raises:
+        ValueError: for a bad ``c`` (not a number, a bool, ``<= 0``, NaN, inf), a missing ``c``
+            with ``grad_scaling=True``, a ``c`` with ``grad_scaling=False``, a ``c`` given both
+            per factor and globally, a non-bool ``grad_scaling``, or a factor that is not a real
+            floating-point matrix, not in the optimizer, listed twice or not orthonormal. All
+            checks run before any hook is registered: on an error nothing changes.
     """
-    return RiemannianHooks(optimizer, params, grad_scaling=grad_scaling, d=d, ortho_tol=ortho_tol)
+    return RiemannianHooks(optimizer, params, grad_scaling=grad_scaling, c=c, ortho_tol=ortho_tol)

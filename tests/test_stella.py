@@ -10,8 +10,8 @@ from stiefel_kernels.nn import (
     load_stella_adapters,
     merge_stella,
     save_stella_adapters,
+    stella_hidden_size,
     stella_parameters,
-    stella_riemannian_params,
     unmerge_stella,
 )
 
@@ -99,6 +99,22 @@ class _Tiny(nn.Module):
         return self.head(h)
 
 
+def test_stella_hidden_size():
+    from types import SimpleNamespace
+
+    model = _Tiny()
+    with pytest.raises(ValueError, match="pass c="):
+        stella_hidden_size(model)  # no config
+    model.config = SimpleNamespace(hidden_size=8, d_model=99)
+    assert stella_hidden_size(model) == 8  # hidden_size first (Hugging Face, the official code)
+    model.config = {"d_model": 12}
+    assert stella_hidden_size(model) == 12
+    for bad in (0, -8, 8.0, True, "8"):
+        model.config = SimpleNamespace(hidden_size=bad)
+        with pytest.raises(ValueError, match="not a positive int"):
+            stella_hidden_size(model)
+
+
 def test_inject_save_load_roundtrip(tmp_path, gen):
     pytest.importorskip("safetensors")
     torch.manual_seed(0)
@@ -109,7 +125,7 @@ def test_inject_save_load_roundtrip(tmp_path, gen):
     assert trainable and all(n.rsplit(".", 1)[1] in ("U", "V", "S") for n in trainable)
     ps = stella_parameters(model)
     assert len(ps["stiefel"]) == 10 and len(ps["euclidean"]) == 5
-    assert {d for _, d in stella_riemannian_params(model)} == {8, 16}
+    assert all(not hasattr(p, "stella_d") for p in ps["stiefel"])  # no per-layer d any more
     with torch.no_grad():
         for m in mods:
             m.S.add_(0.1)

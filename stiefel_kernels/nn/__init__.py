@@ -16,14 +16,14 @@ from .stella import (
     merge_stella,
     save_stella_adapters,
     stella_modules,
+    stella_hidden_size,
     stella_parameters,
-    stella_riemannian_params,
     stella_state_dict,
     unmerge_stella,
 )
 
 __all__ = [
-    "StelLALinear", "inject_stella", "stella_modules", "stella_parameters", "stella_riemannian_params",
+    "StelLALinear", "inject_stella", "stella_modules", "stella_parameters", "stella_hidden_size",
     "make_stella_optimizer", "merge_stella", "unmerge_stella", "stella_state_dict",
     "load_stella_state_dict", "save_stella_adapters", "load_stella_adapters",
     "FactorizedCausalSelfAttention", "GPTConfig", "GPT", "stiefel_parameters", "param_groups",

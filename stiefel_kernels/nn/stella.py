@@ -4,7 +4,9 @@
 Manifold".) ``W0`` (``out x in``) is frozen; ``U`` (``out x r``) and ``V`` (``in x r``) have
 orthonormal columns and are trained with a Riemannian optimizer (:func:`make_stella_optimizer`,
 or :func:`stiefel_kernels.riemannian.make_riemannian` on any optimizer); ``S`` (``r x r``, or a
-length-``r`` diagonal) is Euclidean.
+length-``r`` diagonal) is Euclidean. The optimizer's update of ``U`` (``V``) is scaled by
+``1 / sqrt(out / c)`` (``1 / sqrt(in / c)``), ``c`` = the model's hidden size, as in the official
+code (``docs/stella.md``).
 
 Initialization (``init=``), ``S = I`` in every case, ``W0`` never modified:
 
@@ -36,7 +38,7 @@ __all__ = [
     "inject_stella",
     "stella_modules",
     "stella_parameters",
-    "stella_riemannian_params",
+    "stella_hidden_size",
     "make_stella_optimizer",
     "merge_stella",
     "unmerge_stella",
@@ -65,8 +67,8 @@ class StelLALinear(nn.Module):
         init: ``"random"`` | ``"svd_major"`` | ``"svd_minor"`` (module docstring).
         generator: optional ``torch.Generator`` for ``"random"``.
 
-    Parameters: ``U`` (``out x r``), ``V`` (``in x r``), ``S``. ``U`` and ``V`` carry the attribute
-    ``stella_d`` = ``in_features`` (StelLA's gradient-scaling ``d``).
+    Parameters: ``U`` (``out x r``), ``V`` (``in x r``), ``S`` (``r x r``, or ``(r,)`` if
+    ``s_diagonal``).
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float | None = None, s_diagonal: bool = False,
@@ -102,8 +104,6 @@ class StelLALinear(nn.Module):
         self.U = nn.Parameter(u)
         self.V = nn.Parameter(v)
         self.S = nn.Parameter(s)
-        self.U.stella_d = in_f
-        self.V.stella_d = in_f
 
     def base_weight(self) -> Tensor:
         """``W0`` as ``out x in`` (a view)."""
@@ -199,28 +199,64 @@ def stella_parameters(model: nn.Module) -> dict[str, list[Tensor]]:
     return {"stiefel": [p for m in mods for p in (m.U, m.V)], "euclidean": [m.S for m in mods]}
 
 
-def stella_riemannian_params(model: nn.Module) -> list[tuple[Tensor, int]]:
-    """``(factor, d)`` pairs for :func:`~stiefel_kernels.riemannian.make_riemannian`, ``d`` = the
-    layer's input dimension (the paper's choice)."""
-    return [(p, m.in_features) for _, m in stella_modules(model) for p in (m.U, m.V)]
+def stella_hidden_size(model: nn.Module) -> int:
+    """StelLA's gradient-scaling constant ``c`` of ``model``: its hidden size, read from
+    ``model.config.hidden_size`` (Hugging Face configs; the official StelLA code reads
+    ``config.hidden_size``) or else ``model.config.d_model`` (this package's ``GPTConfig``).
+
+    Raises:
+        ValueError: if ``model`` has no such config entry (a positive int); pass ``c=`` to
+            :func:`make_stella_optimizer` / :func:`~stiefel_kernels.riemannian.make_riemannian`
+            then, or ``grad_scaling=False``.
+    """
+    config = getattr(model, "config", None)
+    for key in ("hidden_size", "d_model"):
+        value = getattr(config, key, None) if config is not None else None
+        if value is None and isinstance(config, dict):
+            value = config.get(key)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"stella_hidden_size: {type(model).__name__}.config.{key} = {value!r} is not a "
+                                 "positive int; pass c= explicitly")
+            return value
+    raise ValueError(
+        f"stella_hidden_size: cannot find the hidden size of {type(model).__name__} (no config.hidden_size "
+        "or config.d_model); StelLA's gradient scaling needs it: pass c=<hidden size> (or grad_scaling=False)")
 
 
 def make_stella_optimizer(model: nn.Module, optimizer_cls=torch.optim.AdamW, *, lr: float = 1e-3,
-                          weight_decay: float = 0.0, grad_scaling: bool = True, d: int | None = None,
+                          weight_decay: float = 0.0, grad_scaling: bool = True, c: float | None = None,
                           extra_params: Iterable[Tensor] = (), **kwargs) -> tuple[torch.optim.Optimizer, RiemannianHooks]:
     """An ``optimizer_cls`` over the StelLA parameters of ``model`` (plus ``extra_params``), made
     Riemannian on ``U``, ``V`` with :func:`~stiefel_kernels.riemannian.make_riemannian`.
 
     Groups: ``U``/``V`` without weight decay (the projection would remove it anyway), ``S`` and
     ``extra_params`` with ``weight_decay``. Returns ``(optimizer, hooks)``.
+
+    Args:
+        grad_scaling: StelLA's gradient scaling: the optimizer's update of a factor with long side
+            ``m`` (``out_features`` for ``U``, ``in_features`` for ``V``) is divided by
+            ``sqrt(m / c)`` (nothing where ``m == c``).
+        c: the constant; default: the model's hidden size (:func:`stella_hidden_size`, an error
+            if the model has no config giving it). Not allowed with ``grad_scaling=False``.
+        lr, weight_decay, **kwargs: passed to ``optimizer_cls``.
+    Raises:
+        ValueError: no StelLA adapters; no hidden size found and no ``c``; a bad ``c``.
+        TypeError: ``d=`` (removed: the official code's constant is the model's hidden size ``c``,
+            not each layer's input dimension).
     """
+    if "d" in kwargs:
+        raise TypeError("make_stella_optimizer: d= was removed; StelLA's gradient scaling uses one constant c "
+                        "(the model's hidden size, found from model.config by default): pass c=")
     ps = stella_parameters(model)
     if not ps["stiefel"]:
         raise ValueError("make_stella_optimizer: the model has no StelLA adapters (call inject_stella first)")
+    if grad_scaling is True and c is None:
+        c = stella_hidden_size(model)
     groups = [{"params": ps["stiefel"], "weight_decay": 0.0},
               {"params": ps["euclidean"] + list(extra_params), "weight_decay": weight_decay}]
     opt = optimizer_cls(groups, lr=lr, **kwargs)
-    hooks = make_riemannian(opt, stella_riemannian_params(model), grad_scaling=grad_scaling, d=d)
+    hooks = make_riemannian(opt, ps["stiefel"], grad_scaling=grad_scaling, c=c)
     return opt, hooks
 
 
