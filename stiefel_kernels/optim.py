@@ -10,6 +10,11 @@ No weight decay is applied to them (their norm is fixed).
 All other groups are plain ``torch.optim.AdamW``: the step calls torch's own functional AdamW
 (foreach or fused as torch picks or as asked), so they match it bit for bit.
 
+Every check of a step (hyper-parameters of every group, each factor's shape and backend, state
+tensors that still fit their parameters, gradient shapes, first-step orthonormality) runs before
+any group steps: an error leaves parameters, gradients and state exactly as they were.
+``load_state_dict`` likewise checks the whole state dict before loading any of it.
+
 Non-finite gradients behave as in ``torch.optim.AdamW``: nothing checks them; a NaN/Inf reaches
 the moments and the parameter (for a Stiefel factor, the whole factor). Use
 ``torch.nn.utils.clip_grad_norm_`` / ``torch.amp.GradScaler`` to skip such steps.
@@ -31,7 +36,12 @@ from .gram import canonical_retraction
 
 __all__ = ["StiefelAdamW", "default_ortho_tol", "default_drift_tol"]
 
+#: every option of a group (the constructor's keyword arguments)
+_OPTION_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "stiefel", "retraction",
+                "cayley_iters", "ns_steps", "drift_tol", "ortho_tol", "backend", "foreach", "fused")
+
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_REQUIRED_STATE = ("step", "exp_avg", "exp_avg_sq")  # max_exp_avg_sq is created when missing
 
 
 def default_ortho_tol(dtype: torch.dtype) -> float:
@@ -44,10 +54,14 @@ def default_drift_tol(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-10, torch.float32: 1e-6}.get(dtype, 1e-3)
 
 
-def _check_nonneg_float(name: str, value: Any) -> None:
+def _check_nonneg_float(name: str, value: Any, sync: bool = True) -> None:
+    """``sync=False`` (the per-step check): a one-element tensor on an accelerator is not read
+    (that would synchronize with the device); it was checked when it was set through the API."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if not sync and value.device.type != "cpu":
+            return
         value = float(value)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
         raise ValueError(f"invalid {name}: {value!r} (expected a finite float >= 0)")
@@ -58,7 +72,9 @@ class StiefelAdamW(Optimizer):
 
     Args:
         params: iterable of parameters, or of dicts defining parameter groups. A group with
-            ``"stiefel": True`` holds Stiefel factors (each ``(..., a, b)`` with ``a, b >= 1``).
+            ``"stiefel": True`` holds Stiefel factors: real floating-point tensors ``(..., a, b)``
+            with every dim ``>= 1`` (a zero-size factor is rejected here and by
+            :meth:`add_param_group`; leave it out or put it in a Euclidean group).
         lr: learning rate (float >= 0). Default 1e-3.
         betas: ``(beta1, beta2)``, each in ``[0, 1)``. Default (0.9, 0.999).
         eps: term added after the square root, >= 0. Default 1e-8.
@@ -81,8 +97,19 @@ class StiefelAdamW(Optimizer):
         foreach, fused: passed to torch's AdamW for Euclidean groups.
 
     State per parameter (both kinds): ``step`` (CPU float32 scalar tensor, as torch), ``exp_avg``,
-    ``exp_avg_sq`` and with amsgrad ``max_exp_avg_sq``. For a bfloat16/float16 Stiefel factor
-    the moments are float32.
+    ``exp_avg_sq`` and with amsgrad ``max_exp_avg_sq`` (created, as zeros, when amsgrad is turned
+    on later). For a bfloat16/float16 Stiefel factor the moments are float32.
+
+    Errors: every check of :meth:`step` runs before any group steps, so a failing step changes
+    nothing (no parameter, gradient, moment or step counter of any group). Checked at each step:
+    every group's hyper-parameters (a negative ``lr`` from a scheduler or a ``"retraction"``
+    edited in ``param_groups`` raise ``ValueError``); sparse gradients and gradients of another
+    shape or device (``RuntimeError``); state tensors that no longer fit their parameter (its
+    dtype, shape or device changed after its first step, e.g. ``model.double()``: ``ValueError``
+    saying how to recast the state); for Stiefel factors, the backend's support of the factor
+    (e.g. a float16 factor with ``backend="triton"``) and orthonormality at the first step. The
+    messages name the parameter (``param group i, param j 'name' (shape ...)``). Only scalars and
+    metadata are read; the first-step orthonormality check is the only host synchronization.
 
     Example::
 
@@ -131,16 +158,28 @@ class StiefelAdamW(Optimizer):
 
     # ------------------------------------------------------------------ validation
     @staticmethod
-    def _validate_options(group: dict[str, Any], where: str) -> None:
-        _check_nonneg_float(f"{where}: lr", group["lr"])
-        _check_nonneg_float(f"{where}: eps", group["eps"])
-        _check_nonneg_float(f"{where}: weight_decay", group["weight_decay"])
+    def _validate_options(group: dict[str, Any], where: str, sync: bool = True) -> None:
+        """Check a group's (or the defaults') hyper-parameters; ``ValueError`` prefixed by ``where``.
+
+        Scalars only, cheap enough for every step (``sync=False`` there: a one-element tensor
+        on an accelerator is not read)."""
+        missing = [k for k in _OPTION_KEYS if k not in group]
+        if missing:
+            raise ValueError(f"{where}: missing option(s) {missing}")
+        _check_nonneg_float(f"{where}: lr", group["lr"], sync)
+        _check_nonneg_float(f"{where}: eps", group["eps"], sync)
+        _check_nonneg_float(f"{where}: weight_decay", group["weight_decay"], sync)
         betas = group["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
         for i, b in enumerate(betas):
-            b = float(b) if isinstance(b, Tensor) else b
-            if not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            if isinstance(b, Tensor):
+                if b.numel() != 1:
+                    raise ValueError(f"{where}: beta at index {i} must be a scalar, got shape {tuple(b.shape)}")
+                if not sync and b.device.type != "cpu":
+                    continue
+                b = float(b)
+            if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
                 raise ValueError(f"{where}: invalid beta parameter at index {i}: {b!r} (expected 0 <= beta < 1)")
         for key in ("cayley_iters", "ns_steps"):
             v = group[key]
@@ -148,11 +187,14 @@ class StiefelAdamW(Optimizer):
                 raise ValueError(f"{where}: {key} must be an int >= 1, got {v!r}")
         for key in ("drift_tol", "ortho_tol"):
             if group[key] is not None:
-                _check_nonneg_float(f"{where}: {key}", group[key])
-        canonical_retraction(group["retraction"])
-        name = group["backend"]
-        if name != "auto":
-            backends.get_backend(name)
+                _check_nonneg_float(f"{where}: {key}", group[key], sync)
+        try:
+            canonical_retraction(group["retraction"])
+            name = group["backend"]
+            if name != "auto":
+                backends.get_backend(name)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
         if group["fused"] and group["stiefel"]:
             raise ValueError(f"{where}: fused=True applies to Euclidean groups only; a Stiefel group "
                              "uses its own backend (leave fused unset there)")
@@ -175,18 +217,30 @@ class StiefelAdamW(Optimizer):
                     "Stiefel manifold has fixed norm); remove it from this group's dict")
             for j, p in enumerate(params):
                 item = p[1] if isinstance(p, tuple) else p
-                label = f"{where}, param {j}" + (f" ({p[0]!r})" if isinstance(p, tuple) else "")
-                if not isinstance(item, Tensor):
-                    raise TypeError(f"{label}: expected a tensor, got {type(item).__name__}")
-                if item.dim() < 2:
-                    raise ValueError(f"{label}: a Stiefel factor must be a matrix or a stack of "
-                                     f"matrices, got shape {tuple(item.shape)}; put 1-D parameters in "
-                                     "a Euclidean group")
-                if item.is_complex() or not item.is_floating_point():
-                    raise ValueError(f"{label}: Stiefel factors must be real floating point, got {item.dtype}")
-                if item.is_sparse:
-                    raise ValueError(f"{label}: sparse Stiefel factors are not supported")
+                problem = self._factor_problem(item)
+                if problem is not None:
+                    label = f"{where}, param {j}" + (f" ({p[0]!r})" if isinstance(p, tuple) else "")
+                    raise problem[0](f"{label}: {problem[1]}")
         super().add_param_group(param_group)
+
+    @staticmethod
+    def _factor_problem(p: Any) -> tuple[type[Exception], str] | None:
+        """Why ``p`` cannot be a Stiefel factor (metadata only), or ``None``: it must be a real
+        floating-point, dense tensor ``(..., a, b)`` with every dim ``>= 1``."""
+        if not isinstance(p, Tensor):
+            return TypeError, f"expected a tensor, got {type(p).__name__}"
+        if p.dim() < 2:
+            return ValueError, (f"a Stiefel factor must be a matrix or a stack of matrices, got "
+                                f"shape {tuple(p.shape)}; put 1-D parameters in a Euclidean group")
+        if p.is_complex() or not p.is_floating_point():
+            return ValueError, f"Stiefel factors must be real floating point, got {p.dtype}"
+        if p.is_sparse:
+            return ValueError, "sparse Stiefel factors are not supported"
+        if 0 in p.shape:
+            return ValueError, (f"a Stiefel factor needs every dim >= 1 (at least one 1 x 1 matrix), "
+                                f"got the empty shape {tuple(p.shape)}; leave it out of the Stiefel "
+                                "group (a Euclidean group accepts it)")
+        return None
 
     # ------------------------------------------------------------------ state
     def _label(self, gi: int, j: int, p: Tensor) -> str:
@@ -211,20 +265,69 @@ class StiefelAdamW(Optimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
         return state
 
+    def _check_state(self, gi: int, j: int, p: Tensor, state: dict[str, Any], stiefel: bool) -> None:
+        """The state of a parameter that has stepped still fits it (metadata only)."""
+        if not ("step" in state and "exp_avg" in state and "exp_avg_sq" in state):
+            missing = [k for k in _REQUIRED_STATE if k not in state]
+            raise ValueError(f"StiefelAdamW: the optimizer state of {self._label(gi, j, p)} lacks "
+                             f"{missing}; restore it, or restart this parameter's moments with "
+                             "del opt.state[p]")
+        step = state["step"]
+        if not isinstance(step, Tensor) or step.numel() != 1:
+            raise ValueError(f"StiefelAdamW: the step counter of {self._label(gi, j, p)} must be a "
+                             f"one-element tensor, got {step!r}")
+        dtype, shape, device = p.dtype, p.shape, p.device
+        want = backends.state_dtype(p) if stiefel else dtype
+        for key in _STATE_KEYS:
+            t = state.get(key)
+            if t is None:
+                continue
+            if not isinstance(t, Tensor) or t.dtype != want or t.shape != shape or t.device != device:
+                got = (f"{t.dtype} of shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor)
+                       else f"a {type(t).__name__}")
+                raise ValueError(
+                    f"StiefelAdamW: {self._label(gi, j, p)} is {p.dtype} on {p.device} but its "
+                    f"optimizer state {key!r} is {got} (expected {want} of shape {tuple(p.shape)} "
+                    f"on {p.device}): the parameter changed after its first step (e.g. "
+                    "model.double(), .to(), p.data = ...). Change it back, or, for a new dtype or "
+                    "device, cast the state with opt.load_state_dict(opt.state_dict()); "
+                    "del opt.state[p] restarts its moments.")
+
     def _check_before_step(self) -> None:
-        """Every check of a step, before any state changes, so an error leaves everything as it was."""
+        """Every check of a step, before any state changes, so an error leaves everything as it was.
+
+        Per step: scalars and metadata only (memoized backend resolution); the orthonormality
+        check of a factor's first step is the one host synchronization."""
         for gi, group in enumerate(self.param_groups):
+            self._validate_options(group, f"StiefelAdamW param group {gi}", sync=False)
+        for gi, group in enumerate(self.param_groups):
+            stiefel = group["stiefel"]
             for j, p in enumerate(group["params"]):
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError(f"StiefelAdamW does not support sparse gradients ({self._label(gi, j, p)})")
-                if not group["stiefel"] or self.state.get(p):
+                if grad.shape != p.shape or grad.device != p.device:
+                    raise RuntimeError(f"StiefelAdamW: gradient of shape {tuple(grad.shape)} on {grad.device} "
+                                       f"for {self._label(gi, j, p)} on {p.device}")
+                if not stiefel and grad.dtype != p.dtype:
+                    raise RuntimeError(f"StiefelAdamW: gradient of dtype {grad.dtype} for "
+                                       f"{self._label(gi, j, p)} of dtype {p.dtype}")
+                state = self.state.get(p)
+                if state:
+                    self._check_state(gi, j, p, state, stiefel)
+                if not stiefel:
                     continue
-                if p.grad.shape != p.shape:
-                    raise RuntimeError(f"StiefelAdamW: gradient of shape {tuple(p.grad.shape)} for "
-                                       f"{self._label(gi, j, p)}")
-                backends.resolve_backend(group["backend"], p)
+                problem = self._factor_problem(p)
+                if problem is not None:
+                    raise problem[0](f"StiefelAdamW: {self._label(gi, j, p)}: {problem[1]}")
+                try:  # every step: the dtype/device may have changed since the first one
+                    self._backend_name(group, p)
+                except ValueError as exc:
+                    raise ValueError(f"StiefelAdamW: {self._label(gi, j, p)}: {exc}") from None
+                if state:
+                    continue
                 tol = group["ortho_tol"] if group["ortho_tol"] is not None else default_ortho_tol(p.dtype)
                 err = float(orthogonality_error(p).max())  # first step only: one host sync
                 if not err <= tol:
@@ -287,15 +390,16 @@ class StiefelAdamW(Optimizer):
         return name
 
     def _step_stiefel(self, group: dict[str, Any]) -> None:
-        by_backend: dict[str, list[Tensor]] = {}
+        # one backend call per (backend, state dtype): each call has one default drift_tol, the
+        # one of its factors' dtype (a float32 factor steps the same whatever else is in its group)
+        by_call: dict[tuple[str, torch.dtype], list[Tensor]] = {}
         for p in group["params"]:
             if p.grad is not None:
-                by_backend.setdefault(self._backend_name(group, p), []).append(p)
+                by_call.setdefault((self._backend_name(group, p), backends.state_dtype(p)), []).append(p)
         beta1, beta2 = group["betas"]
-        for name, params in by_backend.items():
+        for (name, dtype), params in by_call.items():
             states = [self._init_state(group, p) for p in params]
-            dtol = group["drift_tol"] if group["drift_tol"] is not None else default_drift_tol(
-                backends.state_dtype(params[0]))
+            dtol = group["drift_tol"] if group["drift_tol"] is not None else default_drift_tol(dtype)
             hp = backends.StiefelHyperparams(
                 lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
                 amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),
@@ -318,39 +422,79 @@ class StiefelAdamW(Optimizer):
 
     # ------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, checking first that it fits these parameters (same group sizes,
-        same Stiefel flags, state tensors of the parameters' shapes); on error nothing changes.
+        """Load a state dict, checking all of it first; on error nothing changes.
 
-        Moments of half-precision Stiefel factors are kept in float32 (torch's loader would cast
-        them to the parameter dtype)."""
+        Checked: same number of groups and of params per group, same Stiefel flags, each saved
+        group's hyper-parameters (as the constructor checks them; options missing from an older
+        state dict take this optimizer's defaults), and for each parameter with state: ``step``,
+        ``exp_avg`` and ``exp_avg_sq`` present (``max_exp_avg_sq`` of an amsgrad group is
+        created at the next step when missing), a finite ``step >= 0`` (a number is turned into
+        a tensor, as torch's Adam does), floating-point moments of the parameter's shape.
+
+        Moments are cast to the parameter's dtype and device (as torch's loader does), except
+        those of half-precision Stiefel factors, kept in float32."""
+        where = "StiefelAdamW.load_state_dict"
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"StiefelAdamW.load_state_dict: the state dict has {len(saved_groups)} "
+            raise ValueError(f"{where}: the state dict has {len(saved_groups)} "
                              f"param groups, this optimizer {len(self.param_groups)}")
         id_map: dict[Any, tuple[int, int, Tensor]] = {}
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"StiefelAdamW.load_state_dict: param group {gi} has "
+                raise ValueError(f"{where}: param group {gi} has "
                                  f"{len(saved['params'])} params in the state dict, {len(group['params'])} here")
             if bool(saved.get("stiefel", False)) != bool(group["stiefel"]):
-                raise ValueError(f"StiefelAdamW.load_state_dict: param group {gi} is "
+                raise ValueError(f"{where}: param group {gi} is "
                                  f"{'Stiefel' if group['stiefel'] else 'Euclidean'} here but not in the state dict")
+            self._validate_options({**self.defaults, **saved}, f"{where}: param group {gi}")
             for j, (pid, p) in enumerate(zip(saved["params"], group["params"])):
                 id_map[pid] = (gi, j, p)
         keep_fp32: list[tuple[Tensor, str, Tensor]] = []
+        steps: dict[Any, Tensor] = {}
         for pid, st in state_dict["state"].items():
             if pid not in id_map:
                 continue
             gi, j, p = id_map[pid]
+            label = self._label(gi, j, p)
+            if not isinstance(st, dict):
+                raise ValueError(f"{where}: the state of {label} must be a dict, got {type(st).__name__}")
+            if not st:
+                continue
+            missing = [k for k in _REQUIRED_STATE if k not in st]
+            if missing:
+                raise ValueError(f"{where}: the state of {label} lacks {missing} (every parameter "
+                                 "with state needs step, exp_avg and exp_avg_sq)")
+            step = st["step"]
+            if isinstance(step, Tensor):
+                value = float(step) if step.numel() == 1 else None
+            elif isinstance(step, (int, float)) and not isinstance(step, bool):
+                value = float(step)
+                steps[pid] = torch.tensor(value, dtype=torch.float32)
+            else:
+                value = None
+            if value is None or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{where}: the step counter of {label} must be a finite number "
+                                 f">= 0 or a one-element tensor holding one, got {step!r}")
             for key in _STATE_KEYS:
-                if key in st and tuple(st[key].shape) != tuple(p.shape):
+                if key not in st:
+                    continue
+                t = st[key]
+                if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()):
+                    raise ValueError(f"{where}: state {key!r} of {label} must be a floating-point "
+                                     f"tensor, got {t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+                if tuple(t.shape) != tuple(p.shape):
                     raise ValueError(
-                        f"StiefelAdamW.load_state_dict: state {key!r} of {self._label(gi, j, p)} has "
-                        f"shape {tuple(st[key].shape)}; the state dict was saved for other shapes")
-                if key in st and self.param_groups[gi]["stiefel"]:
-                    dtype = backends.state_dtype(p)
-                    if dtype != p.dtype:
-                        keep_fp32.append((p, key, st[key]))
+                        f"{where}: state {key!r} of {label} has "
+                        f"shape {tuple(t.shape)}; the state dict was saved for other shapes")
+                if self.param_groups[gi]["stiefel"] and backends.state_dtype(p) != p.dtype:
+                    keep_fp32.append((p, key, t))
+        if steps:  # number steps become tensors; the caller's dict is left as it is
+            state_dict = {**state_dict, "state": {
+                pid: ({**st, "step": steps[pid]} if pid in steps else st)
+                for pid, st in state_dict["state"].items()}}
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # options an older state dict lacks: this optimizer's defaults
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         for p, key, value in keep_fp32:
             self.state[p][key] = value.to(dtype=backends.state_dtype(p), device=p.device, copy=True)

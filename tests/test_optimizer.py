@@ -127,6 +127,31 @@ def test_bf16_factor_keeps_float32_state(gen):
     assert sk.orthogonality_error(a).item() < 5e-2
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("retraction", ["cayley_fp", "cayley"])
+def test_drift_tol_by_each_factors_own_dtype(gen, backend, retraction):
+    """A float32 factor steps bit for bit the same alone as after a float64 factor in its group:
+    the default drift_tol comes from each factor's own dtype, not from the group's first factor.
+    Both a fresh float32 factor and a drifted one (error between the float32 drift_tol and its
+    ortho_tol) are checked."""
+    fresh = sk.random_stiefel(4, 40, generator=gen)
+    drifted = fresh + 2e-6 * torch.randn(4, 40, generator=gen)
+    assert 1e-6 < sk.orthogonality_error(drifted).item() < 1e-4
+    grads = [torch.randn(4, 40, generator=gen) for _ in range(4)]
+    for x0 in (fresh, drifted):
+        alone, mixed = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+        first = sk.random_stiefel(3, 10, dtype=torch.float64, generator=gen).requires_grad_()
+        kw = dict(lr=1e-2, retraction=retraction, backend=backend)
+        opt_alone = StiefelAdamW([{"params": [alone], "stiefel": True}], **kw)
+        opt_mixed = StiefelAdamW([{"params": [first, mixed], "stiefel": True}], **kw)
+        for g in grads:
+            alone.grad, mixed.grad = g.clone(), g.clone()
+            first.grad = torch.randn(3, 10, dtype=torch.float64, generator=gen)
+            opt_alone.step()
+            opt_mixed.step()
+            assert torch.equal(alone, mixed)
+
+
 # ---------------------------------------------------------------- drift over 2000 fp32 steps
 @pytest.mark.parametrize("retraction", RETRACTIONS)
 def test_orthogonality_after_2000_fp32_steps(gen, retraction):

@@ -83,27 +83,33 @@ def create_stiefel_adamw(peft_model: nn.Module, lr: float = 1e-3, weight_decay: 
 
     Works as ``transformers.Trainer(..., optimizers=(opt, scheduler))``.
 
+    Everything is checked before the model is touched: the optimizer (with all of
+    ``StiefelAdamW``'s validation of ``lr``, ``weight_decay`` and ``**kwargs``, per group) is built
+    first, and only then are the ``A`` factors orthonormalized (in place, so the optimizer holds
+    the same tensors). An invalid option raises with the model unchanged.
+
     Args:
         peft_model: a ``peft`` model (or any module with PEFT-style ``lora_A``/``lora_B`` names).
         lr, weight_decay: as for ``StiefelAdamW``.
         **kwargs: passed to ``StiefelAdamW`` (``betas``, ``eps``, ``retraction``, ``backend``, ...).
     Raises:
         ImportError: when ``peft``/``transformers`` are not installed.
-        ValueError: when the model has no trainable LoRA pair.
+        ValueError: when the model has no trainable LoRA pair, or for an invalid option (as
+            ``StiefelAdamW`` raises it; ``TypeError`` for an unknown keyword).
     """
     _require_peft()
     pairs = lora_pairs(peft_model)
     if not pairs:
         raise ValueError("create_stiefel_adamw: no trainable lora_A/lora_B pair found (is this a PEFT LoRA model?)")
-    st_names, st = [], []
+    st_names, st, st_pairs = [], [], []
     for a_name, a, b_name, b in pairs:
         if a.shape[0] > a.shape[1]:
             warnings.warn(f"create_stiefel_adamw: {a_name} has rank {a.shape[0]} > its input size {a.shape[1]}; "
                           "it cannot have orthonormal rows and stays Euclidean", stacklevel=2)
             continue
-        orthonormalize_lora_(a, b)
         st_names.append(a_name)
         st.append(a)
+        st_pairs.append((a, b))
     st_ids = {id(p) for p in st}
     eu_names, eu = [], []
     for name, p in peft_model.named_parameters():
@@ -114,4 +120,8 @@ def create_stiefel_adamw(peft_model: nn.Module, lr: float = 1e-3, weight_decay: 
     groups = [{"params": st, "param_names": st_names, "stiefel": True}]
     if eu:
         groups.append({"params": eu, "param_names": eu_names, "weight_decay": weight_decay})
-    return StiefelAdamW(groups, lr=lr, weight_decay=weight_decay, **kwargs)
+    # all validation first (it reads no parameter values); the model is touched last
+    opt = StiefelAdamW(groups, lr=lr, weight_decay=weight_decay, **kwargs)
+    for a, b in st_pairs:
+        orthonormalize_lora_(a, b)
+    return opt
