@@ -81,7 +81,7 @@ def unsupported_reason(param: Tensor) -> str | None:
         return f"device {param.device.type!r} is not supported (CUDA only)"
     if param.dtype not in _PARAM_DTYPES:
         return (f"dtype {param.dtype} is not supported (float32 or bfloat16 parameters only); "
-                "use backend='torch' or 'reference'")
+                "convert the factor to one of them, or use backend='torch' or 'reference'")
     if param.dim() < 2:
         return f"a Stiefel factor needs at least 2 dims, got shape {tuple(param.shape)}"
     r = min(param.shape[-2], param.shape[-1])
@@ -343,22 +343,27 @@ except Exception:  # pragma: no cover - registration is best effort (e.g. module
 def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
          exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
          state_steps: list[Tensor], hp: StiefelHyperparams) -> Tensor | None:
-    """One Stiefel-AdamW step over ``params`` (see :mod:`stiefel_kernels.backends`)."""
+    """One Stiefel-AdamW step over ``params`` (see :mod:`stiefel_kernels.backends`).
+
+    Every check runs before anything changes. Errors name a factor by its index in ``params``
+    (this module does not know names; ``StiefelAdamW`` checks the same before any group steps
+    and names the parameter)."""
     if not params:
         return None
-    for p in params:
+    for i, p in enumerate(params):
         reason = unsupported_reason(p)
         if reason is not None:
-            raise ValueError(f"triton backend: {reason}")
+            raise ValueError(f"triton backend: factor {i} ({p.dtype}, shape {tuple(p.shape)}): {reason}")
     grads = [g if g.dtype in _GRAD_DTYPES else g.to(torch.float32) for g in grads]
     grads = [g.contiguous() for g in grads]
     for i, p in enumerate(params):
         work = state_dtype(p)
         for t in [exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if hp.amsgrad else []):
             if t.dtype != work or t.shape != p.shape or t.device != p.device:
-                raise ValueError(f"triton backend: optimizer state of dtype {t.dtype}, shape "
-                                 f"{tuple(t.shape)} does not fit a {p.dtype} parameter of shape "
-                                 f"{tuple(p.shape)} (expected {work} moments)")
+                raise ValueError(f"triton backend: factor {i}: optimizer state of dtype {t.dtype}, "
+                                 f"shape {tuple(t.shape)} on {t.device} does not fit a {p.dtype} "
+                                 f"parameter of shape {tuple(p.shape)} on {p.device} (expected "
+                                 f"{work} moments of its shape, on its device)")
     # group by device (one op each), order by bucket so that buckets are contiguous runs
     groups: dict[torch.device, dict[tuple, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, p in enumerate(params):
