@@ -50,8 +50,12 @@ def default_ortho_tol(dtype: torch.dtype) -> float:
 
 
 def default_drift_tol(dtype: torch.dtype) -> float:
-    """``||X^T X - I||_F`` above which Cayley steps fold in a polar correction, by dtype."""
-    return {torch.float64: 1e-10, torch.float32: 1e-6}.get(dtype, 1e-3)
+    """``||Y^T Y - I||_F`` of a step's output above which the step folds in its orthonormality
+    correction, by the dtype the step computes in: 1e-10 for float64, 1e-6 otherwise. A
+    bfloat16/float16 factor is stepped in float32 (float32 moments and Gram matrices), so it gets
+    float32's value: its stored rounding (~1e-2) is then the only error left, and the correction
+    costs nothing extra (the ``r x r`` work runs either way; no host sync)."""
+    return 1e-10 if dtype == torch.float64 else 1e-6
 
 
 def _check_nonneg_float(name: str, value: Any, sync: bool = True) -> None:
@@ -87,8 +91,10 @@ class StiefelAdamW(Optimizer):
             ``"cayley_direct"`` accepted), ``"qr"``, ``"polar"``, ``"newton_schulz"``.
         cayley_iters: fixed-point iterations of ``cayley_fp`` (default 2).
         ns_steps: Newton–Schulz iterations of ``newton_schulz`` (default 6).
-        drift_tol: Cayley retractions preserve ``X^T X``; when ``||X^T X - I||_F`` exceeds this,
-            the step folds in a polar correction. ``None``: by dtype (:func:`default_drift_tol`).
+        drift_tol: every step ends with an orthonormality correction: where the new point's
+            ``||Y^T Y - I||_F`` (known from the Gram matrices) exceeds this, ``Y`` is replaced by
+            its polar factor (folded into the ``r x r`` coefficients, no extra pass). ``None``: by
+            the factor's dtype (:func:`default_drift_tol`).
         ortho_tol: largest orthogonality error accepted at a factor's first step (``None``: by
             dtype, :func:`default_ortho_tol`). A factor above it raises; call
             :func:`stiefel_kernels.orthonormalize_` first. Nothing re-orthonormalizes silently.

@@ -38,8 +38,11 @@ __all__ = ["inv_sqrt_spd", "cholesky_upper_inverse", "solve", "implementation",
 #: inverse square root 1.9-3.3x for k = 8..32, 1.3-1.5x at 64, 0.6-0.7x at 128, 0.35x at 256
 #: (torch.linalg.eigh; Newton–Schulz is slower than both everywhere); Cholesky + inverse
 #: 2.2-3.4x up to k = 128, 1.1-1.2x at 256; LU solve 1.4-3.1x up to 64, 1.1-1.4x at 128,
-#: 0.75x at 256.
-NATIVE_CPU_MAX_K = {"inv_sqrt_spd": 64, "cholesky_upper_inverse": None, "solve": 128}
+#: 0.75x at 256. The solve stays native at every k anyway: with torch 2.13's CPU build, once the
+#: process has called ``torch.set_num_threads(n >= 2)``, batched ``torch.linalg.solve_ex`` of
+#: 256 x 256 matrices returns wrong solutions with ``info = 0`` (or raises about lu_solve's
+#: pivots); ``tests/test_smallmat_dispatch.py`` checks the dispatched solve after such a call.
+NATIVE_CPU_MAX_K = {"inv_sqrt_spd": 64, "cholesky_upper_inverse": None, "solve": None}
 
 
 #: Whether the native CUDA kernels are the default on CUDA. False until a GPU measures them
@@ -88,13 +91,17 @@ def inv_sqrt_spd_torch(m: Tensor) -> tuple[Tensor, Tensor]:
 def newton_schulz_inv_sqrt(m: Tensor, iters: int) -> tuple[Tensor, Tensor]:
     """Coupled Newton–Schulz on ``M / c``: returns ``(Z, c)`` with ``Z c^(-1/2) ~ M^(-1/2)``.
 
-    ``c`` (``(..., 1, 1)``) is the largest absolute row sum of ``M``, an upper bound of its
-    largest eigenvalue, so the spectrum of ``M / c`` lies in ``(0, 1]`` for SPD ``M``, where the
-    iteration ``T = (3I - Z Y) / 2, Y <- Y T, Z <- T Z`` converges: about ``log_1.5(cond)``
-    steps to reach the quadratic phase, then a few more. Matrix products only: no host sync.
+    ``c`` (``(..., 1, 1)``) is the smaller of two upper bounds of the largest eigenvalue of a
+    symmetric ``M``: its largest absolute row sum and ``1 + ||M - I||_F`` (the tight one when
+    ``M`` is near ``I``, as for an orthonormality correction: the spectrum of ``M / c`` then
+    starts within ``2 ||M - I||_F`` of 1). The spectrum of ``M / c`` lies in ``(0, 1]`` for SPD
+    ``M``, where the iteration ``T = (3I - Z Y) / 2, Y <- Y T, Z <- T Z`` converges: about
+    ``log_1.5(cond)`` steps to reach the quadratic phase (residual ``e -> 3e^2/4``), then a few
+    more. Matrix products only: no host sync.
     """
     eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m)
-    c = m.abs().sum(dim=-1).amax(dim=-1)[..., None, None]
+    row_sum = m.abs().sum(dim=-1).amax(dim=-1)
+    c = torch.minimum(row_sum, 1.0 + torch.linalg.matrix_norm(m - eye))[..., None, None]
     y, z = m / c, eye
     for _ in range(iters):
         t = 0.5 * (3.0 * eye - z @ y)

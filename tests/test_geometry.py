@@ -156,10 +156,24 @@ def test_canonical_retraction_names():
         gram.canonical_retraction("exp")
 
 
-def test_drift_correction_restores_orthonormality(gen):
+@pytest.mark.parametrize("retraction", list(gram.RETRACTIONS))
+def test_orthonormality_correction_makes_the_output_the_polar_factor(gen, retraction):
+    """``step_coefficients`` = the retraction's coefficients times ``(Y^T Y)^(-1/2)``, which turns
+    a drifted input and a large step into ``polar(Y)`` (float64, so the tolerance is 1e-10)."""
     x = rand_point(gen, 40, 6)
     x = x @ (torch.eye(6, dtype=F64) + 1e-4 * torch.randn(6, 6, dtype=F64, generator=gen))
-    k = x.mT @ x
-    s = gram.drift_correction(k, tol=1e-8)
-    assert geo.orthogonality_error(x @ s).item() < 1e-13
-    assert torch.equal(gram.drift_correction(k, tol=1.0), torch.eye(6, dtype=F64))
+    d = torch.randn(40, 6, dtype=F64, generator=gen)
+    k, g, h = gram.gram_pass(x, d)
+    lr = 0.5
+    c0, e0, _ = gram.retraction_coefficients(k, g, h, lr, retraction)
+    y0 = gram.apply_coefficients(x, d, c0, e0)
+    if retraction.startswith("cayley"):  # the others normalize from the measured K
+        assert geo.orthogonality_error(y0).item() > 1e-5  # drift and the step leave the manifold
+    c, e, _ = gram.step_coefficients(k, g, h, lr, retraction, tol=1e-12)
+    y = gram.apply_coefficients(x, d, c, e)
+    u, _, vh = torch.linalg.svd(y0, full_matrices=False)
+    assert rel(y, u @ vh) < 1e-10
+    assert geo.orthogonality_error(y).item() < 1e-13
+    # below the threshold nothing changes
+    s = gram.orthonormality_correction(k, g, h, c0, e0, tol=1.0)
+    assert torch.equal(s, torch.eye(6, dtype=F64))

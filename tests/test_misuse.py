@@ -13,7 +13,6 @@ from torch import Tensor
 import stiefel_kernels as sk
 from stiefel_kernels import StiefelAdamW
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- helpers

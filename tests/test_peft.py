@@ -10,7 +10,6 @@ from stiefel_kernels.integrations.peft import create_stiefel_adamw, lora_pairs  
 from stiefel_kernels.nn import inject_stella, make_stella_optimizer  # noqa: E402
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed=0, init_lora_weights=True):

@@ -14,7 +14,6 @@ from stiefel_kernels.nn import GPT, GPTConfig, StelLALinear, inject_stella, make
 from stiefel_kernels.riemannian import make_riemannian, project_and_retract_
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the official step, transcribed (stella/tuner/model.py and stella/tuner/stiefel.py) ----------

@@ -111,3 +111,22 @@ def test_newton_schulz_inv_sqrt_flags_what_it_cannot_invert():
     x, info = smallmat.inv_sqrt_spd_newton_schulz(m)
     assert info.tolist() == [0, -2, -1, -2]
     assert torch.isfinite(x[0]).all()
+
+
+@pytest.mark.skipif(not _native.available, reason="native extension stiefel_kernels._C not built")
+def test_cpu_solve_is_right_after_threads_were_raised():
+    """torch 2.13 (CPU): after ``torch.set_num_threads(n >= 2)``, batched
+    ``torch.linalg.solve_ex`` of 256 x 256 matrices returns wrong solutions with ``info = 0``.
+    The dispatched solve (exact Cayley's ``2r x 2r`` step at rank 128) must stay right."""
+    gen = seeded_gen("solve after threads")
+    a = torch.randn(2, 256, 256, generator=gen, dtype=torch.float64) + 16 * torch.eye(256, dtype=torch.float64)
+    b = torch.randn(2, 256, 3, generator=gen, dtype=torch.float64)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, old))
+        x, info = smallmat.solve(a, b)
+    finally:
+        torch.set_num_threads(old)
+    assert smallmat.implementation("solve", "cpu", 256) == "native"
+    assert (info == 0).all()
+    assert float((a @ x - b).norm() / b.norm()) < 1e-12

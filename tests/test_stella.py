@@ -16,7 +16,6 @@ from stiefel_kernels.nn import (
 )
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lin(gen, n_in, n_out, bias=True, dtype=torch.float64):

@@ -20,30 +20,36 @@ from stiefel_kernels.backends import triton_backend as tb  # noqa: E402
 from stiefel_kernels.geometry import newton_schulz_scale  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DRIFT_TOL = 1e-5
+TOL = 1e-5  # the orthonormality correction's threshold
 RANKS = [r for r in (1, 3, 12, 48, 128) if r <= tb.SMALL_STEP_MAX_RANK]
 
 
 def _grams(gen, num, r):
     """fp32 ``K, G, H`` of ``X`` (orthonormal, perturbed by a per-factor amount: about half the
-    factors above ``DRIFT_TOL``) and ``D`` (per-factor scales over four decades)."""
+    factors above ``TOL``) and ``D`` (per-factor scales over six decades)."""
     n = 2 * r + 7
     x = torch.linalg.qr(torch.randn(num, n, r, generator=gen, dtype=torch.float64))[0]
     drift = torch.logspace(-9, -3, num, dtype=torch.float64)[torch.randperm(num, generator=gen)]
     x = x + drift[:, None, None] * torch.randn(x.shape, generator=gen, dtype=torch.float64)
-    scale = torch.logspace(-2, 2, num, dtype=torch.float64)[torch.randperm(num, generator=gen)]
+    scale = torch.logspace(-4, 2, num, dtype=torch.float64)[torch.randperm(num, generator=gen)]
     d = scale[:, None, None] * torch.randn(x.shape, generator=gen, dtype=torch.float64)
     return [t.float().contiguous() for t in (x.mT @ x, x.mT @ d, d.mT @ d)]
 
 
 def _reference(k, g, h, lr, retraction):
     k, g, h = k.double(), g.double(), h.double()
-    c, e, info = gram.retraction_coefficients(k, g, h, lr, retraction, cayley_iters=3, ns_steps=5)
+    c, e, info = gram.step_coefficients(k, g, h, lr, retraction, tol=TOL, cayley_iters=3,
+                                        ns_steps=5)
     assert int(info.abs().sum()) == 0
-    if retraction == "cayley_fp":
-        s = gram.drift_correction(k, DRIFT_TOL)
-        c, e = c @ s, e @ s
     return c, e
+
+
+def _uncorrected_error(k, g, h, lr, retraction):
+    """``||Y^T Y - I||_F`` of the retraction before the orthonormality correction, ``(F,)``."""
+    k, g, h = k.double(), g.double(), h.double()
+    c, e, _ = gram.retraction_coefficients(k, g, h, lr, retraction, cayley_iters=3, ns_steps=5)
+    eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+    return torch.linalg.matrix_norm(gram.coefficient_gram(k, g, h, c, e) - eye)
 
 
 def _rel(a, b):
@@ -53,21 +59,19 @@ def _rel(a, b):
 @pytest.mark.parametrize("retraction", ["cayley_fp", "newton_schulz"])
 @pytest.mark.parametrize("r", RANKS)
 def test_kernel_matches_gram_math(gen, retraction, r):
-    num = 7
+    num = 9
     k, g, h = (t.to(DEVICE) for t in _grams(gen, num, r))
     lr = 0.3
-    if retraction == "cayley_fp":  # the step clipping and the drift correction both take both ways
+    if retraction == "cayley_fp":  # the step clipping takes both ways
         w1 = 1.0 / gram.cayley_step_size(k.double(), g.double(), h.double(),
                                          torch.tensor(float("inf"), dtype=torch.float64))
         clipped = w1.flatten() * lr > 1
         assert clipped.any() and not clipped.all()
-        drifted = torch.linalg.matrix_norm(k.double() - torch.eye(r, dtype=torch.float64,
-                                                                  device=k.device)) > DRIFT_TOL
-        assert drifted.any() and not drifted.all()
+    corrected = _uncorrected_error(k, g, h, lr, retraction) > TOL  # and the correction too
+    assert corrected.any() and not corrected.all()
     c = torch.full((num, r, r), float("nan"), device=DEVICE)
     e = torch.full_like(c, float("nan"))
-    tb.small_step_launch(k, g, h, c, e, lr, retraction, cayley_iters=3, ns_steps=5,
-                         drift_tol=DRIFT_TOL)
+    tb.small_step_launch(k, g, h, c, e, lr, retraction, cayley_iters=3, ns_steps=5, tol=TOL)
     c_ref, e_ref = _reference(k, g, h, lr, retraction)
     for i in range(num):
         assert _rel(c[i], c_ref[i]) < 1e-5, (i, _rel(c[i], c_ref[i]))
@@ -85,7 +89,7 @@ def test_padded_coefficients_from_padded_grams(gen, retraction):
     grams = buf[..., :r, :r]
     hp = tb.StiefelHyperparams(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8, amsgrad=False,
                                maximize=False, retraction=retraction, cayley_iters=3, ns_steps=5,
-                               drift_tol=DRIFT_TOL)
+                               drift_tol=TOL)
     coef, count = tb.small_step(grams, hp, r_pad)
     assert count is None and coef.shape == (num, 2, r_pad, r_pad)
     c_ref, e_ref = _reference(*grams.unbind(1), hp.lr, retraction)
@@ -108,7 +112,7 @@ def test_newton_schulz_scale_active(gen):
     assert bool((newton_schulz_scale(m) < 1).any())
     c = torch.full((num, r, r), float("nan"), device=DEVICE)
     e = torch.full_like(c, float("nan"))
-    tb.small_step_launch(k, g, h, c, e, lr, "newton_schulz", ns_steps=5)
+    tb.small_step_launch(k, g, h, c, e, lr, "newton_schulz", ns_steps=5, tol=TOL)
     c_ref, e_ref = _reference(k, g, h, lr, "newton_schulz")
     assert _rel(c, c_ref) < 1e-5 and _rel(e, e_ref) < 1e-5
 
@@ -130,9 +134,9 @@ from stiefel_kernels.kernels.small_step_triton import small_step_kernel as kern
 
 names = list(kern.arg_names)
 for ret, r_pad, bk in ((0, 16, 16), (1, 16, 16), (0, 64, 16), (1, 64, 16)):
-    const = dict(RETRACTION=ret, ITERS=2, DRIFT_ITERS=4, C_MINUS_I=True, R_PAD=r_pad, BK=bk)
+    const = dict(RETRACTION=ret, ITERS=2, CORRECTION_ITERS=5, C_MINUS_I=True, R_PAD=r_pad, BK=bk)
     sig = {nm: "constexpr" if nm in const else "*fp32" if nm.endswith("_ptr") else
-           "fp32" if nm in ("lr", "drift_tol") else "i32" for nm in names}
+           "fp32" if nm in ("lr", "tol") else "i32" for nm in names}
     src = ASTSource(kern, sig, {(names.index(k),): v for k, v in const.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 print("compiled")

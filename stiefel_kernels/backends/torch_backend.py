@@ -5,7 +5,8 @@ device) of a parameter group:
 
 1. moments with ``torch._foreach_*`` (no per-factor Python loop), ``D`` batched;
 2. pass 1: ``K, G, H`` by batched matmuls in float32 or wider (TF32 off);
-3. small step: :func:`stiefel_kernels.gram.retraction_coefficients` for all factors at once;
+3. small step: :func:`stiefel_kernels.gram.step_coefficients` for all factors at once (the
+   retraction, and the orthonormality correction where the retraction needs one);
 4. pass 2: ``Y = X C + D E`` and one ``_foreach_copy_`` back into the parameters.
 
 No host synchronization: bias corrections come from the CPU step counters, factorization
@@ -81,11 +82,9 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         k, g, h = gram.gram_pass(x, d)
         if sharding is not None:  # sharded factors: one all-reduce per bucket
             k, g, h = sharding.reduce_grams(k, g, h)
-        c, e, info = gram.retraction_coefficients(
-            k, g, h, hp.lr, hp.retraction, cayley_iters=hp.cayley_iters, ns_steps=hp.ns_steps)
-        if hp.retraction in ("cayley", "cayley_fp"):
-            s = gram.drift_correction(k, hp.drift_tol)
-            c, e = c @ s, e @ s
+        c, e, info = gram.step_coefficients(
+            k, g, h, hp.lr, hp.retraction, tol=hp.drift_tol, cayley_iters=hp.cayley_iters,
+            ns_steps=hp.ns_steps)
         y = gram.apply_coefficients(x, d, c.to(work), e.to(work))
         stored = y.mT if rows else y
         torch._foreach_copy_(ps, list(stored.to(ps[0].dtype).unbind(0)))

@@ -10,11 +10,10 @@ Per bucket of a parameter group (same shape, dtype, device and gradient dtype), 
    LoRA's ``r x 4096`` and ``r x 11008`` factors share one small step): for ``cayley_fp`` and
    ``newton_schulz`` (matrix products only) one launch of
    :func:`~stiefel_kernels.kernels.small_step_triton.small_step_kernel` (one program per factor,
-   drift correction folded in) up to rank :data:`SMALL_STEP_MAX_RANK`; otherwise (``qr``,
+   orthonormality correction folded in) up to rank :data:`SMALL_STEP_MAX_RANK`; otherwise (``qr``,
    ``polar``, ``cayley`` need factorizations; larger ranks)
-   :func:`stiefel_kernels.gram.retraction_coefficients` (and
-   :func:`~stiefel_kernels.gram.drift_correction` for the Cayley retractions) in batched torch
-   ops on the ``r x r`` matrices;
+   :func:`stiefel_kernels.gram.step_coefficients` in batched torch ops on the ``r x r``
+   matrices;
 3. pass 2 (one launch): ``D`` recomputed by the same jit helper, ``p = X C + D E`` in place.
 
 Factors are addressed through ``int64`` arrays of ``data_ptr()`` values (cached per bucket), so
@@ -109,12 +108,19 @@ def _target_programs(device: torch.device) -> int:
     return 4 * _SM_COUNT[idx]
 
 
+#: most rows of one pass-1 chunk (float32 accumulation inside a chunk, float64 across chunks)
+MAX_CHUNK_ROWS = gram.GRAM_CHUNK_ROWS
+
+
 def launch_config(n: int, r: int, num_factors: int, device: torch.device,
                   num_chunks: int | None = None, block_n: int | None = None) -> dict:
     """Tile sizes and the split of the long dimension ``n`` into chunks (one program each).
 
     A chunk holds at least ``16 * R_PAD`` rows so the ``3 R_PAD^2`` partial sums it writes stay
-    small (< 10%) next to the ``6 r`` words per row that pass 1 moves. ``num_chunks`` / ``block_n`` override (tests)."""
+    small (< 10%) next to the ``6 r`` words per row that pass 1 moves, and at most
+    :data:`MAX_CHUNK_ROWS` rows, so the float32 accumulation inside a chunk stays short (the
+    chunks are added in float64, as in :func:`stiefel_kernels.gram.gram_pass`).
+    ``num_chunks`` / ``block_n`` override (tests)."""
     r_pad = max(16, _next_pow2(r))
     if block_n is None:
         block_n = min(128, max(32, 4096 // r_pad))
@@ -122,6 +128,7 @@ def launch_config(n: int, r: int, num_factors: int, device: torch.device,
         min_rows = max(block_n, 16 * r_pad)
         max_chunks = max(1, math.ceil(n / min_rows))
         num_chunks = min(max_chunks, max(1, math.ceil(_target_programs(device) / num_factors)))
+        num_chunks = max(num_chunks, math.ceil(n / MAX_CHUNK_ROWS))
     num_chunks = max(1, min(num_chunks, math.ceil(n / block_n)))
     rows = math.ceil(math.ceil(n / num_chunks) / block_n) * block_n
     num_chunks = math.ceil(n / rows)
@@ -190,7 +197,8 @@ def pass1(ptrs: Tensor, shape, p_dtype: torch.dtype, g_dtype: torch.dtype, bc: T
         P_DT=_PARAM_DTYPES[p_dtype], G_DT=_GRAD_DTYPES[g_dtype], S_DT=tl.float32,
         AMSGRAD=hp.amsgrad, MAXIMIZE=hp.maximize,
         R_PAD=r_pad, BLOCK_N=cfg["BLOCK_N"], DOT_PREC=DOT_PRECISION, num_warps=cfg["num_warps"])
-    grams = partials[:, 0] if chunks == 1 else partials.sum(dim=1)  # fixed order, no atomics
+    # fixed order, no atomics; float64 so the error does not grow with the number of chunks
+    grams = partials[:, 0] if chunks == 1 else partials.sum(dim=1, dtype=torch.float64).float()
     return grams[..., :r, :r]
 
 
@@ -201,20 +209,19 @@ SMALL_STEP_MAX_RANK = 64
 #: above this R_PAD the kernel's products stream ``SMALL_STEP_BK``-wide inner slices through a
 #: scratch buffer (whole-width FMA dots spill registers on sm_90 from R_PAD = 32 on)
 SMALL_STEP_BK = 16
-#: Newton-Schulz iterations of the Cayley drift correction (as gram.drift_correction)
-DRIFT_ITERS = 4
 
 
 def small_step_launch(k: Tensor, g: Tensor, h: Tensor, c: Tensor, e: Tensor, lr: float,
                       retraction: str, *, cayley_iters: int = 2, ns_steps: int = 6,
-                      drift_tol: float = float("inf"), r_pad: int | None = None,
+                      tol: float = float("inf"), r_pad: int | None = None,
                       c_minus_i: bool = False) -> None:
     """One launch of the small-step kernel for ``cayley_fp`` / ``newton_schulz``.
 
     ``k, g, h``: fp32 ``(F, r, r)`` views with unit column stride and common strides (they may
     be slices of a padded buffer). ``c, e``: fp32 ``(F, s, s)`` outputs with unit column stride
     and common strides, ``s = r`` (compact) or ``s = r_pad`` (zero padding is written too).
-    ``c_minus_i`` stores ``C - I``. ``drift_tol`` applies to ``cayley_fp`` only."""
+    ``c_minus_i`` stores ``C - I``. ``tol``: the orthonormality correction's threshold
+    (:func:`stiefel_kernels.gram.orthonormality_correction`; ``inf`` turns it off)."""
     num, r = k.shape[0], k.shape[-1]
     if r_pad is None:
         r_pad = max(16, _next_pow2(r))
@@ -231,9 +238,9 @@ def small_step_launch(k: Tensor, g: Tensor, h: Tensor, c: Tensor, e: Tensor, lr:
     scratch = (c if bk >= r_pad else
                torch.empty((num, 2, r_pad, r_pad), dtype=torch.float32, device=k.device))
     small_step_kernel[(num,)](
-        k, g, h, c, e, scratch, float(lr), float(drift_tol), r,
+        k, g, h, c, e, scratch, float(lr), float(tol), r,
         k.stride(0), k.stride(-2), c.stride(0), c.stride(-2), store_n,
-        RETRACTION=SMALL_STEP_TRITON[retraction], ITERS=iters, DRIFT_ITERS=DRIFT_ITERS,
+        RETRACTION=SMALL_STEP_TRITON[retraction], ITERS=iters, CORRECTION_ITERS=gram.CORRECTION_ITERS,
         C_MINUS_I=c_minus_i, R_PAD=r_pad, BK=bk, num_warps=4 if r_pad <= 16 else 8)
 
 
@@ -246,13 +253,11 @@ def small_step(grams: Tensor, hp: StiefelHyperparams, r_pad: int) -> tuple[Tenso
         coef = torch.empty((num, 2, r_pad, r_pad), dtype=torch.float32, device=k.device)
         small_step_launch(k, g, h, coef[:, 0], coef[:, 1], hp.lr, hp.retraction,
                           cayley_iters=hp.cayley_iters, ns_steps=hp.ns_steps,
-                          drift_tol=hp.drift_tol, r_pad=r_pad, c_minus_i=True)
+                          tol=hp.drift_tol, r_pad=r_pad, c_minus_i=True)
         return coef, None
-    c, e, info = gram.retraction_coefficients(
-        k, g, h, hp.lr, hp.retraction, cayley_iters=hp.cayley_iters, ns_steps=hp.ns_steps)
-    if hp.retraction in ("cayley", "cayley_fp"):
-        s = gram.drift_correction(k, hp.drift_tol)
-        c, e = c @ s, e @ s
+    c, e, info = gram.step_coefficients(
+        k, g, h, hp.lr, hp.retraction, tol=hp.drift_tol, cayley_iters=hp.cayley_iters,
+        ns_steps=hp.ns_steps)
     coef = torch.zeros((num, 2, r_pad, r_pad), dtype=torch.float32, device=k.device)
     coef[:, 0, :r, :r] = c - torch.eye(r, dtype=c.dtype, device=c.device)
     coef[:, 1, :r, :r] = e

@@ -1,11 +1,11 @@
 """Triton kernel of the small step (DESIGN.md, "The fast path", step 2) for the matmul-only
-retractions: ``cayley_fp`` (with the drift correction folded in) and ``newton_schulz``.
+retractions: ``cayley_fp`` and ``newton_schulz``, each followed by the orthonormality correction.
 
 One program per factor (grid ``(F,)``) reads that factor's reduced Gram matrices ``K, G, H``
 (fp32 ``r x r``, zero-padded to ``R_PAD x R_PAD`` tiles) and writes its coefficients ``C, E``.
 All products are fp32 ``tl.dot(..., input_precision="ieee")`` (no TF32). The math is that of
-:func:`stiefel_kernels.gram.retraction_coefficients` and
-:func:`stiefel_kernels.gram.drift_correction`, written blockwise on ``r x r`` tiles:
+:func:`stiefel_kernels.gram.step_coefficients` (:func:`~stiefel_kernels.gram.retraction_coefficients`,
+then :func:`~stiefel_kernels.gram.orthonormality_correction`), written blockwise on ``r x r`` tiles:
 
 * ``cayley_fp``: with the unit-step generator ``M1 = [[Ms1, I], [-I, 0]]``,
   ``Ms1 = a1 - a1^T``, ``a1 = sym(G) - (K sym(G) - G) / 2`` and ``N = [[K, G], [G^T, H]]``,
@@ -15,13 +15,15 @@ All products are fp32 ``tl.dot(..., input_precision="ieee")`` (no TF32). The mat
   The step is ``t = min(lr, 1/||W_1||_F)``, ``||W_1||_F^2 = -tr(A1^2)
   = -(<P, P^T> - 2 <Q, K^T> + <G, G^T>)``; ``A = M N = t A1``. From ``c0 = [I + t sym(G); -t I]``
   the fixed-point iteration ``c <- e1 + A (e1 + c) / 2`` reads, with ``u = [I + c_top; c_bot]``,
-  ``c_top = I + t/2 (P u_top + Q u_bot)``, ``c_bot = -t/2 (K u_top + G u_bot)``. Where
-  ``||K - I||_F > drift_tol`` both blocks are multiplied by ``S ~ K^(-1/2)`` (scaled coupled
-  Newton–Schulz, ``DRIFT_ITERS`` steps), as in :func:`~stiefel_kernels.gram.drift_correction`.
+  ``c_top = I + t/2 (P u_top + Q u_bot)``, ``c_bot = -t/2 (K u_top + G u_bot)``.
 * ``newton_schulz``: ``c0 = I + lr sym(G)``, ``e0 = -lr I``,
   ``m = c0^T K c0 - lr (c0^T G + G^T c0) + lr^2 H`` (:func:`~stiefel_kernels.gram.coefficient_gram`),
   ``s = newton_schulz_scale(m) I``, ``ITERS`` steps ``s <- s (3I - s^T m s) / 2``;
   ``C = c0 s``, ``E = -lr s``.
+* correction, both: ``Y^T Y = C^T K C + C^T G E + (C^T G E)^T + E^T H E``; where
+  ``||Y^T Y - I||_F > tol`` both ``C`` and ``E`` are multiplied by ``S ~ (Y^T Y)^(-1/2)``
+  (coupled Newton–Schulz on ``Y^T Y / c``, ``c = min(max row sum, 1 + ||Y^T Y - I||_F)``,
+  ``CORRECTION_ITERS`` steps).
 
 Registers: ``tl.dot``'s fp32 (FMA) lowering holds whole operand rows/columns per thread, so
 whole-width products spill on sm_90 from ``R_PAD = 32`` on. With ``BK < R_PAD`` every product
@@ -73,14 +75,14 @@ def _mm(a, b, scratch, R_PAD: tl.constexpr, BK: tl.constexpr):
 @triton.jit
 def small_step_kernel(
     k_ptr, g_ptr, h_ptr, c_ptr, e_ptr, scratch_ptr,
-    lr, drift_tol, r,
+    lr, tol, r,
     stride_in_f, stride_in_row, stride_out_f, stride_out_row, store_n,
-    RETRACTION: tl.constexpr, ITERS: tl.constexpr, DRIFT_ITERS: tl.constexpr,
+    RETRACTION: tl.constexpr, ITERS: tl.constexpr, CORRECTION_ITERS: tl.constexpr,
     C_MINUS_I: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr,
 ):
     """Grid ``(F,)``. Inputs ``K, G, H`` at ``ptr + f * stride_in_f + i * stride_in_row + j``,
     outputs likewise with the ``out`` strides. ``RETRACTION`` is :data:`CAYLEY_FP` (``ITERS`` =
-    fixed-point iterations; ``drift_tol`` used) or :data:`NEWTON_SCHULZ` (``ITERS`` = steps)."""
+    fixed-point iterations) or :data:`NEWTON_SCHULZ` (``ITERS`` = steps)."""
     f = tl.program_id(0).to(tl.int64)
     rr = tl.arange(0, R_PAD)
     in_r = rr < r
@@ -94,47 +96,32 @@ def small_step_kernel(
     g = tl.load(g_ptr + base + offs, mask=mask, other=0.0)
     sg = 0.5 * (g + tl.trans(g))
 
+    h = tl.load(h_ptr + base + offs, mask=mask, other=0.0)
     if RETRACTION == 0:  # cayley_fp
         a1 = sg - 0.5 * (_mm(k, sg, scratch, R_PAD, BK) - g)
         ms1 = a1 - tl.trans(a1)
         p = _mm(ms1, k, scratch, R_PAD, BK) + tl.trans(g)
-        q = _mm(ms1, g, scratch, R_PAD, BK) + tl.load(h_ptr + base + offs, mask=mask, other=0.0)
+        q = _mm(ms1, g, scratch, R_PAD, BK) + h
         tr = tl.sum(tl.sum(p * tl.trans(p), axis=1), axis=0) \
             - 2.0 * tl.sum(tl.sum(q * tl.trans(k), axis=1), axis=0) \
             + tl.sum(tl.sum(g * tl.trans(g), axis=1), axis=0)
         w_norm = tl.sqrt(tl.maximum(-tr, 0.0))
         t = tl.minimum(lr, 1.0 / tl.maximum(w_norm, 1.1754943508222875e-38))
-        c_top = eye + t * sg
-        c_bot = -t * eye
+        c_out = eye + t * sg
+        e_out = -t * eye
         half_t = 0.5 * t
         for _ in tl.static_range(ITERS):
-            u_top = eye + c_top
-            pu = _mm(p, u_top, scratch, R_PAD, BK) + _mm(q, c_bot, scratch, R_PAD, BK)
-            ku = _mm(k, u_top, scratch, R_PAD, BK) + _mm(g, c_bot, scratch, R_PAD, BK)
-            c_top = eye + half_t * pu
-            c_bot = -half_t * ku
-        # drift correction: S = K^(-1/2) by scaled coupled Newton-Schulz where ||K - I||_F > tol
-        dk = k - eye
-        err = tl.sqrt(tl.sum(tl.sum(dk * dk, axis=1), axis=0))
-        if err > drift_tol:
-            scale = tl.max(tl.sum(tl.abs(k), axis=1), axis=0)
-            y = k / scale
-            z = eye
-            for _ in tl.static_range(DRIFT_ITERS):
-                tt = 0.5 * (3.0 * eye - _mm(z, y, scratch, R_PAD, BK))
-                y = _mm(y, tt, scratch, R_PAD, BK)
-                z = _mm(tt, z, scratch, R_PAD, BK)
-            s = z * (1.0 / tl.sqrt(scale))
-            c_top = _mm(c_top, s, scratch, R_PAD, BK)
-            c_bot = _mm(c_bot, s, scratch, R_PAD, BK)
-        c_out = c_top
-        e_out = c_bot
+            u_top = eye + c_out
+            pu = _mm(p, u_top, scratch, R_PAD, BK) + _mm(q, e_out, scratch, R_PAD, BK)
+            ku = _mm(k, u_top, scratch, R_PAD, BK) + _mm(g, e_out, scratch, R_PAD, BK)
+            c_out = eye + half_t * pu
+            e_out = -half_t * ku
     else:  # newton_schulz
         c0 = eye + lr * sg
         c0t = tl.trans(c0)
         x = -lr * _mm(c0t, g, scratch, R_PAD, BK)
         m = _mm(_mm(c0t, k, scratch, R_PAD, BK), c0, scratch, R_PAD, BK) + x + tl.trans(x) \
-            + (lr * lr) * tl.load(h_ptr + base + offs, mask=mask, other=0.0)
+            + (lr * lr) * h
         bound = tl.max(tl.sum(tl.abs(m), axis=1), axis=0)
         s = tl.sqrt(tl.minimum(2.5 / bound, 1.0)) * eye
         for _ in tl.static_range(ITERS):
@@ -142,6 +129,28 @@ def small_step_kernel(
             s = 0.5 * _mm(s, 3.0 * eye - sms, scratch, R_PAD, BK)
         c_out = _mm(c0, s, scratch, R_PAD, BK)
         e_out = -lr * s
+
+    # orthonormality correction (gram.orthonormality_correction): Y^T Y = C^T K C + C^T G E
+    # + (C^T G E)^T + E^T H E; where ||Y^T Y - I||_F > tol, (C, E) <- (C, E) S with
+    # S ~ (Y^T Y)^(-1/2) by scaled coupled Newton-Schulz
+    ct = tl.trans(c_out)
+    ctge = _mm(_mm(ct, g, scratch, R_PAD, BK), e_out, scratch, R_PAD, BK)
+    yty = _mm(_mm(ct, k, scratch, R_PAD, BK), c_out, scratch, R_PAD, BK) + ctge + tl.trans(ctge) \
+        + _mm(_mm(tl.trans(e_out), h, scratch, R_PAD, BK), e_out, scratch, R_PAD, BK)
+    yty = 0.5 * (yty + tl.trans(yty))
+    dy = yty - eye
+    err = tl.sqrt(tl.sum(tl.sum(dy * dy, axis=1), axis=0))
+    if err > tol:
+        scale = tl.minimum(tl.max(tl.sum(tl.abs(yty), axis=1), axis=0), 1.0 + err)
+        y = yty / scale
+        z = eye
+        for _ in tl.static_range(CORRECTION_ITERS):
+            tt = 0.5 * (3.0 * eye - _mm(z, y, scratch, R_PAD, BK))
+            y = _mm(y, tt, scratch, R_PAD, BK)
+            z = _mm(tt, z, scratch, R_PAD, BK)
+        s = z * (1.0 / tl.sqrt(scale))
+        c_out = _mm(c_out, s, scratch, R_PAD, BK)
+        e_out = _mm(e_out, s, scratch, R_PAD, BK)
 
     if C_MINUS_I:
         c_out = c_out - eye
