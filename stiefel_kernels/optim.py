@@ -205,6 +205,22 @@ class StiefelAdamW(Optimizer):
             raise ValueError(f"{where}: fused=True applies to Euclidean groups only; a Stiefel group "
                              "uses its own backend (leave fused unset there)")
 
+    @staticmethod
+    def _check_tensor_options(group: dict[str, Any], where: str) -> None:
+        """A Euclidean group runs torch's functional AdamW with ``capturable=False``, whose foreach
+        path rejects a tensor ``lr``/``betas`` (after other groups would have stepped): refuse
+        them here, where torch would take that path (``foreach=True``; tensor betas also with the
+        default ``foreach=None`` on CUDA, where torch defaults to foreach)."""
+        if group["fused"]:
+            return
+        beta_tensor = any(isinstance(b, Tensor) for b in group["betas"])
+        lr_tensor = isinstance(group["lr"], Tensor)
+        on_cuda = any(p.device.type == "cuda" for p in group["params"])
+        if (group["foreach"] and (lr_tensor or beta_tensor)) or (
+                group["foreach"] is None and beta_tensor and on_cuda):
+            raise ValueError(f"{where}: a tensor lr or betas needs fused=True or foreach=False in a "
+                             "Euclidean group (torch's foreach AdamW takes them only when capturable)")
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, validating it first; on error nothing is added."""
         if not isinstance(param_group, dict):
@@ -215,6 +231,10 @@ class StiefelAdamW(Optimizer):
         self._validate_options(merged, where)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
+        if not merged["stiefel"]:
+            tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+            self._check_tensor_options({**merged, "params": [t for t in tensors if isinstance(t, Tensor)]},
+                                       where)
         if merged["stiefel"]:
             wd = param_group.get("weight_decay", 0.0)
             if wd:
@@ -305,7 +325,11 @@ class StiefelAdamW(Optimizer):
         Per step: scalars and metadata only (memoized backend resolution); the orthonormality
         check of a factor's first step is the one host synchronization."""
         for gi, group in enumerate(self.param_groups):
-            self._validate_options(group, f"StiefelAdamW param group {gi}", sync=False)
+            where = f"StiefelAdamW param group {gi}"
+            # a Stiefel group's step reads its scalars as floats anyway, so read them here too
+            self._validate_options(group, where, sync=bool(group["stiefel"]))
+            if not group["stiefel"]:
+                self._check_tensor_options(group, where)
         for gi, group in enumerate(self.param_groups):
             stiefel = group["stiefel"]
             for j, p in enumerate(group["params"]):

@@ -118,7 +118,7 @@ class RiemannianHooks:
     Attributes:
         optimizer: the wrapped optimizer (unchanged class, still a ``torch.optim.Optimizer``).
         params: the Stiefel factors.
-        cs: StelLA's constant ``c`` of each factor (``None`` where scaling is off).
+        c: StelLA's constant ``c`` (``None`` where scaling is off).
         scales: the scale ``s = 1 / sqrt(m / c)`` applied to each factor's update (``1.0`` where
             scaling is off or ``m == c``; ``m`` = the factor's long side).
     """
@@ -138,27 +138,17 @@ class RiemannianHooks:
         in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self.optimizer = optimizer
         self.params: list[Tensor] = []
-        self.cs: list[float | None] = []
         self.scales: list[float] = []
         seen: set[int] = set()
-        for j, item in enumerate(params):
-            pc = None
-            if isinstance(item, tuple):
-                if len(item) != 2:
-                    raise ValueError(f"make_riemannian: param {j} is a tuple of length {len(item)}, expected "
-                                     "a tensor or a (tensor, c) pair")
-                p, pc = item
-                if not grad_scaling:
-                    raise ValueError(f"make_riemannian: param {j} is a (tensor, c) pair but grad_scaling=False "
-                                     "(its c would be ignored); pass the tensor alone")
-                if c is not None:
-                    raise ValueError(f"make_riemannian: param {j} has its own c and c= is given too; give one")
-                pc = _check_c(pc, f"the c of param {j}")
-            else:
-                p = item
+        for j, p in enumerate(params):
+            if isinstance(p, tuple):
+                raise TypeError(
+                    f"make_riemannian: param {j} is a tuple; (factor, d) pairs are gone: StelLA scales "
+                    "each factor's update by 1/sqrt(m / c) with ONE c for the model (its hidden size, "
+                    "as the official code), not a per-layer d. Pass the tensors and c=..., or "
+                    "grad_scaling=False")
             if not isinstance(p, Tensor):
-                raise TypeError(f"make_riemannian: param {j} is a {type(p).__name__}, expected a tensor "
-                                "or a (tensor, c) pair")
+                raise TypeError(f"make_riemannian: param {j} is a {type(p).__name__}, expected a tensor")
             if p.dim() < 2 or not p.is_floating_point() or p.is_complex():
                 raise ValueError(f"make_riemannian: param {j} (shape {tuple(p.shape)}, {p.dtype}) is not a "
                                  "real floating-point matrix or stack of matrices")
@@ -174,16 +164,14 @@ class RiemannianHooks:
                 raise ValueError(
                     f"make_riemannian: param {j} (shape {tuple(p.shape)}) is not orthonormal on its shorter "
                     f"side (||X^T X - I||_F = {err:.3e} > {tol:.1e}); call stiefel_kernels.orthonormalize_ first")
-            pc = pc if pc is not None else c
-            if grad_scaling and pc is None:
-                raise ValueError(
-                    f"make_riemannian: param {j} (shape {tuple(p.shape)}) has no c for StelLA's gradient "
-                    "scaling (Delta / sqrt(m / c), c = the model's hidden size): pass c=, a (tensor, c) pair, "
-                    "or grad_scaling=False")
             m = as_column_form(p).shape[-2]
             self.params.append(p)
-            self.cs.append(pc)
-            self.scales.append(1.0 / math.sqrt(m / pc) if (pc is not None and m != pc) else 1.0)
+            self.scales.append(1.0 / math.sqrt(m / c) if (c is not None and m != c) else 1.0)
+        if grad_scaling and c is None and self.params:
+            raise ValueError(
+                "make_riemannian: StelLA's gradient scaling (Delta / sqrt(m / c)) needs c, the model's "
+                "hidden size: pass c=..., or grad_scaling=False")
+        self.c = c
         self._pending: list[tuple[list[int], Tensor]] = []
         self._failures: Tensor | None = None
         self._pre = optimizer.register_step_pre_hook(self._pre_hook)
@@ -218,10 +206,10 @@ class RiemannianHooks:
     @torch.no_grad()
     def _post_hook(self, optimizer, args, kwargs) -> None:
         for idx, x_old in self._pending:
-            scales = [self.scales[i] for i in idx]
-            # same shape -> same m: the scales of a bucket differ only for per-factor c
-            s = scales[0] if all(v == scales[0] for v in scales) else scales
-            info = project_and_retract_([as_column_form(self.params[i]) for i in idx], x_old, s)
+            # one c and, within a bucket, one shape, so one m: one scale per bucket (a Python
+            # float, so nothing is copied to the device)
+            info = project_and_retract_([as_column_form(self.params[i]) for i in idx], x_old,
+                                        self.scales[idx[0]])
             n_fail = info.ne(0).sum()
             self._failures = n_fail if self._failures is None else self._failures + n_fail
         self._pending = []
@@ -237,7 +225,7 @@ class RiemannianHooks:
         self._post.remove()
 
 
-def make_riemannian(optimizer: torch.optim.Optimizer, params: Iterable[Tensor | tuple[Tensor, float]], *,
+def make_riemannian(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], *,
                     grad_scaling: bool = True, c: float | None = None,
                     ortho_tol: float | None = None) -> RiemannianHooks:
     """Turn ``optimizer`` into a Riemannian optimizer on the Stiefel factors ``params`` (StelLA).
@@ -250,23 +238,23 @@ def make_riemannian(optimizer: torch.optim.Optimizer, params: Iterable[Tensor | 
     Args:
         optimizer: any ``torch.optim.Optimizer`` (Adam, AdamW, SGD, ...) that holds ``params``.
         params: the factors, each a tensor (a matrix ``(m, r)`` / ``(r, m)`` or a stack
-            ``(..., m, r)`` / ``(..., r, m)``) or a ``(tensor, c)`` pair giving that factor's own
-            ``c``. Each must already be orthonormal on its shorter side (checked once, here).
+            ``(..., m, r)`` / ``(..., r, m)``), each already orthonormal on its shorter side
+            (checked once, here).
         grad_scaling: apply StelLA's scaling ``Delta / sqrt(m / c)`` to each factor's update,
             ``m`` = the factor's long side (rows of ``U`` (``out x r``), rows of ``V``
-            (``in x r``)). Every factor then needs a ``c`` (``c=`` or its pair); with
-            ``grad_scaling=False`` no ``c`` may be given.
-        c: StelLA's constant for every factor without its own: the model's hidden size in the
-            official code (:func:`stiefel_kernels.nn.make_stella_optimizer` reads it from the
-            model's config). A positive finite number (int or float).
+            (``in x r``)). Needs ``c``; with ``grad_scaling=False`` no ``c`` may be given.
+        c: StelLA's constant, one for all factors as in the official code: the model's hidden
+            size (:func:`stiefel_kernels.nn.make_stella_optimizer` reads it from the model's
+            config). A positive finite number (int or float).
         ortho_tol: largest ``||X^T X - I||_F`` accepted now (default by dtype: 1e-4 float32).
     Returns:
         a :class:`RiemannianHooks` handle (``.remove()``, ``.retraction_failures``, ``.scales``).
     Raises:
         ValueError: for a bad ``c`` (not a number, a bool, ``<= 0``, NaN, inf), a missing ``c``
-            with ``grad_scaling=True``, a ``c`` with ``grad_scaling=False``, a ``c`` given both
-            per factor and globally, a non-bool ``grad_scaling``, or a factor that is not a real
-            floating-point matrix, not in the optimizer, listed twice or not orthonormal. All
-            checks run before any hook is registered: on an error nothing changes.
+            with ``grad_scaling=True``, a ``c`` with ``grad_scaling=False``, a non-bool
+            ``grad_scaling``, or a factor that is not a real floating-point matrix, not in the
+            optimizer, listed twice or not orthonormal.
+        TypeError: for an item that is not a tensor (the old ``(factor, d)`` pairs included).
+        All checks run before any hook is registered: on an error nothing changes.
     """
     return RiemannianHooks(optimizer, params, grad_scaling=grad_scaling, c=c, ortho_tol=ortho_tol)

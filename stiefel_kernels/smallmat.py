@@ -38,10 +38,11 @@ __all__ = ["inv_sqrt_spd", "cholesky_upper_inverse", "solve", "implementation",
 #: inverse square root 1.9-3.3x for k = 8..32, 1.3-1.5x at 64, 0.6-0.7x at 128, 0.35x at 256
 #: (torch.linalg.eigh; Newton–Schulz is slower than both everywhere); Cholesky + inverse
 #: 2.2-3.4x up to k = 128, 1.1-1.2x at 256; LU solve 1.4-3.1x up to 64, 1.1-1.4x at 128,
-#: 0.75x at 256. The solve stays native at every k anyway: with torch 2.13's CPU build, once the
-#: process has called ``torch.set_num_threads(n >= 2)``, batched ``torch.linalg.solve_ex`` of
-#: 256 x 256 matrices returns wrong solutions with ``info = 0`` (or raises about lu_solve's
-#: pivots); ``tests/test_smallmat_dispatch.py`` checks the dispatched solve after such a call.
+#: 0.75x at 256. The solve stays native at every k anyway: with torch 2.13's CPU build, while a
+#: thread count >= 2 set by ``torch.set_num_threads`` is in effect, batched
+#: ``torch.linalg.solve_ex`` of 256 x 256 matrices returns wrong solutions with ``info = 0`` (or
+#: raises about lu_solve's pivots); ``tests/test_smallmat_dispatch.py`` checks the dispatched
+#: solve under such a setting.
 NATIVE_CPU_MAX_K = {"inv_sqrt_spd": 64, "cholesky_upper_inverse": None, "solve": None}
 
 

@@ -14,10 +14,11 @@ import pytest  # noqa: E402
 
 # The whole suite runs with one intra-op thread: its tensors are small, and on a shared 2-core
 # machine torch's spin-waiting threads make them several times slower (the 2000-step tests took
-# 72 s instead of 5 s). It is set once and never raised: with torch 2.13's CPU build, after any
-# torch.set_num_threads(n >= 2) call, batched torch.linalg.solve_ex of 256 x 256 matrices returns
-# garbage with info = 0 (or raises "Pivots given to lu_solve must all be >= 1"); see
-# smallmat.NATIVE_CPU_MAX_K. A test that needs more threads raises them and restores 1.
+# 72 s instead of 5 s). It is set once and raised only inside a test that needs it: with torch
+# 2.13's CPU build, while a count >= 2 set by torch.set_num_threads is in effect, batched
+# torch.linalg.solve_ex of 256 x 256 matrices returns garbage with info = 0 (or raises "Pivots
+# given to lu_solve must all be >= 1"), and the tests' float64 oracles use it; see
+# smallmat.NATIVE_CPU_MAX_K.
 torch.set_num_threads(1)
 
 

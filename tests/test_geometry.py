@@ -173,6 +173,8 @@ def test_orthonormality_correction_makes_the_output_the_polar_factor(gen, retrac
     y = gram.apply_coefficients(x, d, c, e)
     u, _, vh = torch.linalg.svd(y0, full_matrices=False)
     assert rel(y, u @ vh) < 1e-10
+    if retraction in ("qr", "polar"):  # already orthonormal: the correction leaves them alone
+        assert torch.equal(c, c0) and torch.equal(e, e0)
     assert geo.orthogonality_error(y).item() < 1e-13
     # below the threshold nothing changes
     s = gram.orthonormality_correction(k, g, h, c0, e0, tol=1.0)

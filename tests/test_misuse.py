@@ -14,7 +14,6 @@ import stiefel_kernels as sk
 from stiefel_kernels import StiefelAdamW
 
 
-
 # ---------------------------------------------------------------- helpers
 def set_grads(opt, gen):
     for group in opt.param_groups:
@@ -288,11 +287,11 @@ def test_triton_factor_converted_to_float16_after_first_step(gen):
 
 
 # ---------------------------------------------------------------- PEFT factory
-def _peft_model():
+def _peft_model(n_layer=1):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
     lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0,
                            fan_in_fan_out=True, init_lora_weights=False)
     return peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), lcfg)
@@ -315,3 +314,46 @@ def test_create_stiefel_adamw_validates_before_touching_the_model(kw, exc, msg):
         create_stiefel_adamw(model, **kw)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def test_create_stiefel_adamw_rank_deficient_a_leaves_every_layer_unchanged():
+    """The factorizations come before any write: a rank-deficient lora_A in the second layer
+    must not leave the first layer's pair rewritten."""
+    from stiefel_kernels.integrations.peft import create_stiefel_adamw, lora_pairs
+
+    model = _peft_model(n_layer=2)
+    pairs = lora_pairs(model)
+    assert len(pairs) == 2
+    with torch.no_grad():
+        pairs[1][1].zero_()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="rank deficient"):
+        create_stiefel_adamw(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+# ---------------------------------------------------------------- tensor lr / betas and foreach
+def test_tensor_lr_with_foreach_in_a_later_euclidean_group(gen):
+    """torch's foreach AdamW (capturable=False) rejects a tensor lr; the Stiefel group before it
+    must not have stepped when that error comes."""
+    a = sk.random_stiefel(3, 12, generator=gen).requires_grad_()
+    b = torch.randn(8, 3, generator=gen).requires_grad_()
+    opt = StiefelAdamW([{"params": [a], "stiefel": True}, {"params": [b], "foreach": True}], lr=1e-2)
+    set_grads(opt, gen)
+    opt.step()
+    set_grads(opt, gen)
+    for key, value in (("lr", torch.tensor(1e-2)), ("betas", (torch.tensor(0.9), torch.tensor(0.999)))):
+        old = opt.param_groups[1][key]
+        opt.param_groups[1][key] = value
+        before = snapshot(opt)
+        with pytest.raises(ValueError, match="param group 1: a tensor lr or betas needs fused=True or foreach=False"):
+            opt.step()
+        assert_unchanged(opt, before)
+        opt.param_groups[1][key] = old
+    with pytest.raises(ValueError, match="a tensor lr or betas"):
+        StiefelAdamW([{"params": [b], "foreach": True}], lr=torch.tensor(1e-2))
+    # where torch takes them (foreach=False), they are accepted
+    opt.param_groups[1]["foreach"] = False
+    opt.param_groups[1]["lr"] = torch.tensor(1e-2)
+    opt.step()

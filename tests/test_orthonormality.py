@@ -71,7 +71,7 @@ def test_cayley_fp_10000_steps_at_lr_0_1(gen):
 
 
 @pytest.mark.parametrize("lr", [1e-3, 1e-1, 10.0, 1e4])
-@pytest.mark.parametrize("shape", [(64, 64), (32, 33), (1, 50), (3, 8, 20), (128, 256)])
+@pytest.mark.parametrize("shape", [(64, 64), (32, 33), (1, 50), (3, 8, 20), (128, 256), (128, 128)])
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_cayley_fp_at_any_lr_and_shape(gen, backend, shape, lr):
     """``cayley_fp`` clips its step to ``1/||W||_F``, so its output is orthonormal at any lr,

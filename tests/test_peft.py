@@ -10,8 +10,6 @@ from stiefel_kernels.integrations.peft import create_stiefel_adamw, lora_pairs  
 from stiefel_kernels.nn import inject_stella, make_stella_optimizer  # noqa: E402
 
 
-
-
 def _model(seed=0, init_lora_weights=True):
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)

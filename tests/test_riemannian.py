@@ -14,8 +14,6 @@ from stiefel_kernels.nn import GPT, GPTConfig, StelLALinear, inject_stella, make
 from stiefel_kernels.riemannian import make_riemannian, project_and_retract_
 
 
-
-
 # --- the official step, transcribed (stella/tuner/model.py and stella/tuner/stiefel.py) ----------
 # Factors are handed over as column-form views ``(x, g)`` (``m x r``, ``m >= r``) of the
 # parameter and its gradient; the official code groups them by shape and stacks each group.
@@ -152,7 +150,7 @@ def test_wide_and_stacked_factors_sgd_match_official(gen):
     ra, rq = nn.Parameter(a.detach().clone()), nn.Parameter(q.detach().clone())
     opt = torch.optim.SGD([a, q], lr=0.1, momentum=0.9)
     hooks = make_riemannian(opt, [a, q], c=6)
-    assert hooks.scales == [1 / math.sqrt(10 / 6), 1 / math.sqrt(12 / 6)] and hooks.cs == [6.0, 6.0]
+    assert hooks.scales == [1 / math.sqrt(10 / 6), 1 / math.sqrt(12 / 6)] and hooks.c == 6
     ref_opt = torch.optim.SGD([ra, rq], lr=0.1, momentum=0.9)
     _hook_official(ref_opt, lambda: [(ra.mT, ra.grad.mT), (rq[0], rq.grad[0]), (rq[1], rq.grad[1])], 6)
     for (pa, pq), o in (((a, q), opt), ((ra, rq), ref_opt)):
@@ -204,7 +202,7 @@ def test_make_stella_optimizer_reads_hidden_size_of_package_gpt():
     model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, d_model=16))
     inject_stella(model, ["fc", "proj"], r=2)
     _, hooks = make_stella_optimizer(model)
-    assert hooks.cs == [16.0] * 4  # config.d_model
+    assert hooks.c == 16  # config.d_model
     # fc: U 64 x 2 scaled, V 16 x 2 not; proj: U 16 x 2 not, V 64 x 2 scaled
     assert hooks.scales == [0.5, 1.0, 1.0, 0.5]
     with pytest.raises(TypeError, match="d= was removed"):
@@ -220,39 +218,39 @@ def _no_hooks(opt):
 BAD_C = [0, -4, 0.0, -2.5, float("nan"), float("inf"), -float("inf"), True, False, "8", None, torch.tensor(8.0)]
 
 
-@pytest.mark.parametrize("bad", BAD_C, ids=repr)
+@pytest.mark.parametrize("bad", [b for b in BAD_C if b is not None], ids=repr)
 def test_bad_c_is_rejected_before_any_hook(gen, bad):
     u = nn.Parameter(random_stiefel(8, 3, generator=gen))
     v = nn.Parameter(random_stiefel(5, 3, generator=gen))
     opt = torch.optim.Adam([u, v])
-    with pytest.raises(ValueError, match="the c of param 1 must be a positive finite number"):
-        make_riemannian(opt, [(u, 8), (v, bad)])
+    with pytest.raises(ValueError, match="c must be a positive finite number"):
+        make_riemannian(opt, [u, v], c=bad)
     assert _no_hooks(opt)
-    if bad is not None:  # c=None is the default (no global c): then a factor without c is an error
-        with pytest.raises(ValueError, match="c must be a positive finite number"):
-            make_riemannian(opt, [u, v], c=bad)
-        assert _no_hooks(opt)
 
 
 def test_inconsistent_scaling_arguments_are_rejected(gen):
     u = nn.Parameter(random_stiefel(8, 3, generator=gen))
     opt = torch.optim.Adam([u])
     cases = [
-        (([u],), {}, "has no c"),
+        (([u],), {}, "needs c"),
         (([u],), {"grad_scaling": False, "c": 8}, "grad_scaling=False"),
-        (([(u, 8)],), {"grad_scaling": False}, "grad_scaling=False"),
-        (([(u, 8)],), {"c": 8}, "c= is given too"),
         (([u],), {"grad_scaling": 4096.0}, "grad_scaling must be True or False"),
-        (([(u, 8, 1)],), {}, "tuple of length 3"),
     ]
     for args, kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
             make_riemannian(opt, *args, **kw)
         assert _no_hooks(opt)
+    # the old API's (factor, d) pairs and d= (d = the layer's in_features) are refused, not
+    # silently read with a new meaning
+    for bad in ([(u, 8)], [(u, 0)], [(u, 8, 1)]):
+        with pytest.raises(TypeError, match="pairs are gone"):
+            make_riemannian(opt, bad, c=8)
+        assert _no_hooks(opt)
     with pytest.raises(TypeError):
-        make_riemannian(opt, [u], d=8)  # the old per-layer d is gone, not ignored
-    hooks = make_riemannian(opt, [(u, 2.5)])  # a float c is valid (the official config takes one)
-    assert hooks.cs == [2.5] and hooks.scales == [1 / math.sqrt(8 / 2.5)]
+        make_riemannian(opt, [u], d=8)
+    assert _no_hooks(opt)
+    hooks = make_riemannian(opt, [u], c=2.5)  # a float c is valid (the official config takes one)
+    assert hooks.c == 2.5 and hooks.scales == [1 / math.sqrt(8 / 2.5)]
 
 
 def test_errors(gen):

@@ -115,7 +115,7 @@ def test_newton_schulz_inv_sqrt_flags_what_it_cannot_invert():
 
 @pytest.mark.skipif(not _native.available, reason="native extension stiefel_kernels._C not built")
 def test_cpu_solve_is_right_after_threads_were_raised():
-    """torch 2.13 (CPU): after ``torch.set_num_threads(n >= 2)``, batched
+    """torch 2.13 (CPU): while ``torch.set_num_threads(n >= 2)`` is in effect, batched
     ``torch.linalg.solve_ex`` of 256 x 256 matrices returns wrong solutions with ``info = 0``.
     The dispatched solve (exact Cayley's ``2r x 2r`` step at rank 128) must stay right."""
     gen = seeded_gen("solve after threads")

@@ -16,8 +16,6 @@ from stiefel_kernels.nn import (
 )
 
 
-
-
 def _lin(gen, n_in, n_out, bias=True, dtype=torch.float64):
     lin = nn.Linear(n_in, n_out, bias=bias, dtype=dtype)
     with torch.no_grad():

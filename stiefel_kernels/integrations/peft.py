@@ -61,13 +61,27 @@ def lora_pairs(model: nn.Module, trainable_only: bool = True) -> list[tuple[str,
     return pairs
 
 
+def _orthonormalized_lora(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """New values ``(A', B')`` with ``A'`` (``r x in``, ``r <= in``) row-orthonormal and
+    ``B' A' = B A`` (up to rounding; ``B R^T`` is formed in float64); ``a``, ``b`` are not touched.
+
+    Raises:
+        ValueError: ``A`` is rank deficient.
+    """
+    new_a = a.detach().clone()
+    x = new_a if new_a.shape[0] < new_a.shape[1] else new_a.mT  # a square A: its rows as well
+    r = orthonormalize_(x).to(torch.float64)   # A_old = R^T A_new
+    return new_a, (b.detach().to(torch.float64) @ r.mT).to(b.dtype)
+
+
 @torch.no_grad()
 def orthonormalize_lora_(a: Tensor, b: Tensor) -> None:
     """Make ``A`` (``r x in``, ``r <= in``) row-orthonormal in place and set ``B <- B R^T`` so that
-    ``B A`` is unchanged (up to rounding; the product is formed in float64)."""
-    x = a if a.shape[0] < a.shape[1] else a.mT  # a square A: orthogonalize its rows as well
-    r = orthonormalize_(x).to(torch.float64)   # A_old = R^T A_new
-    b.copy_((b.to(torch.float64) @ r.mT).to(b.dtype))
+    ``B A`` is unchanged (up to rounding; the product is formed in float64). A rank-deficient
+    ``A`` raises ``ValueError`` with both unchanged."""
+    new_a, new_b = _orthonormalized_lora(a, b)
+    a.copy_(new_a)
+    b.copy_(new_b)
 
 
 def create_stiefel_adamw(peft_model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -85,8 +99,9 @@ def create_stiefel_adamw(peft_model: nn.Module, lr: float = 1e-3, weight_decay: 
 
     Everything is checked before the model is touched: the optimizer (with all of
     ``StiefelAdamW``'s validation of ``lr``, ``weight_decay`` and ``**kwargs``, per group) is built
-    first, and only then are the ``A`` factors orthonormalized (in place, so the optimizer holds
-    the same tensors). An invalid option raises with the model unchanged.
+    first, then every ``A`` is factorized into new tensors, and only then are the new values
+    copied in (in place, so the optimizer holds the same tensors). An invalid option or a
+    rank-deficient ``A`` raises with the model unchanged.
 
     Args:
         peft_model: a ``peft`` model (or any module with PEFT-style ``lora_A``/``lora_B`` names).
@@ -94,8 +109,9 @@ def create_stiefel_adamw(peft_model: nn.Module, lr: float = 1e-3, weight_decay: 
         **kwargs: passed to ``StiefelAdamW`` (``betas``, ``eps``, ``retraction``, ``backend``, ...).
     Raises:
         ImportError: when ``peft``/``transformers`` are not installed.
-        ValueError: when the model has no trainable LoRA pair, or for an invalid option (as
-            ``StiefelAdamW`` raises it; ``TypeError`` for an unknown keyword).
+        ValueError: when the model has no trainable LoRA pair, a rank-deficient ``lora_A``, or
+            for an invalid option (as ``StiefelAdamW`` raises it; ``TypeError`` for an unknown
+            keyword).
     """
     _require_peft()
     pairs = lora_pairs(peft_model)
@@ -120,8 +136,12 @@ def create_stiefel_adamw(peft_model: nn.Module, lr: float = 1e-3, weight_decay: 
     groups = [{"params": st, "param_names": st_names, "stiefel": True}]
     if eu:
         groups.append({"params": eu, "param_names": eu_names, "weight_decay": weight_decay})
-    # all validation first (it reads no parameter values); the model is touched last
+    # all validation first (it reads no parameter values), then every factorization (a
+    # rank-deficient A raises here); the model is touched last, when nothing can fail any more
     opt = StiefelAdamW(groups, lr=lr, weight_decay=weight_decay, **kwargs)
-    for a, b in st_pairs:
-        orthonormalize_lora_(a, b)
+    with torch.no_grad():
+        new_values = [_orthonormalized_lora(a, b) for a, b in st_pairs]
+        for (a, b), (new_a, new_b) in zip(st_pairs, new_values):
+            a.copy_(new_a)
+            b.copy_(new_b)
     return opt
