@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from . import geometry
+from . import _buckets, geometry
 
 __all__ = ["stiefel_shard_placement_fn", "long_dim", "is_dtensor", "orthogonality_error",
            "sharded_step", "gathered_step"]
@@ -216,25 +216,18 @@ def sharded_step(step_fn: Callable[..., Tensor | None], params: list[Tensor], gr
     ``sharding`` keyword (the ``torch`` backend).
 
     Factors are bucketed by (global shape, dtype, device, mesh, placements), in list order, so
-    every rank forms the same buckets. A bucket sharded on the long dim calls ``step_fn`` on the
-    local shards with ``sharding`` (the global orientation, and ``reduce_grams``: one all-reduce of
-    the bucket's stacked ``(K, G, H)``); a bucket laid
-    out otherwise goes through :func:`gathered_step`; plain tensors are stepped as usual.
+    every rank forms the same buckets (:func:`stiefel_kernels._buckets.bucket_key` with the
+    layout). A bucket sharded on the long dim calls ``step_fn`` on the local shards with
+    ``sharding`` (the global orientation, and ``reduce_grams``: one all-reduce of the bucket's
+    stacked ``(K, G, H)``); a bucket laid out otherwise goes through :func:`gathered_step`; plain
+    tensors are stepped as usual.
     """
-    buckets: dict[tuple, list[int]] = {}
-    layouts: dict[tuple, _Layout | None] = {}
-    for i, p in enumerate(params):
-        if is_dtensor(p):
-            layout = _layout(p)
-            key = (tuple(p.shape), p.dtype, p.device, layout)
-        else:
-            layout, key = None, (None,)  # plain tensors: step_fn buckets them itself
-        buckets.setdefault(key, []).append(i)
-        layouts[key] = layout
-
+    # key None: the plain tensors, in one call (step_fn buckets them itself)
+    buckets = _buckets.group(_buckets.bucket_key(p, layout=_layout(p)) if is_dtensor(p) else None
+                             for p in params)
     failures = None
     for key, idx in buckets.items():
-        layout = layouts[key]
+        layout = None if key is None else key.layout
 
         def sub(ts):
             return None if ts is None else [ts[i] for i in idx]

@@ -19,10 +19,11 @@ size (``config.hidden_size``) or a number the user gives, for ``U`` and ``V`` al
 acts on the optimizer's *update*, not on the gradient: under Adam a constant factor on the
 gradient cancels (up to ``eps``). See ``docs/stella.md``.
 
-Factors of the same (column-form) shape, dtype and device are stacked, and each bucket takes one
-batched call per operation (no per-factor Python loop for the math): the Riemannian gradient is
-two batched matmuls; the retraction is the Gram fast path of :mod:`stiefel_kernels.gram`
-(``K, G, H`` from :func:`~stiefel_kernels.gram.gram_pass`, ``r x r`` polar coefficients from
+Factors of the same (column-form) shape, dtype and device are stacked (the buckets of
+:mod:`stiefel_kernels._buckets`), and each bucket takes one batched call per operation (no
+per-factor Python loop for the math): the Riemannian gradient is two batched matmuls; the
+retraction is the Gram fast path of :mod:`stiefel_kernels.gram` (``K, G, H`` from
+:func:`~stiefel_kernels.gram.gram_pass`, ``r x r`` polar coefficients from
 :func:`~stiefel_kernels.gram.retraction_coefficients`, then ``Y = X C + D E``). That is StelLA's
 "batched SVD" idea, with an ``r x r`` eigendecomposition in place of an ``m x r`` SVD. The
 scaling enters that path as its step size: with ``D = Y_old - Y_new = -Delta``,
@@ -48,14 +49,12 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from . import _buckets
+from ._buckets import working_dtype
 from .geometry import as_column_form, orthogonality_error
 from .gram import apply_coefficients, gram_pass, retraction_coefficients
 
 __all__ = ["RiemannianHooks", "make_riemannian", "riemannian_gradient_", "project_and_retract_"]
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _check_c(value, what: str) -> float:
@@ -79,7 +78,7 @@ def riemannian_gradient_(xs: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
         xs: ``L`` factors, each ``(..., m, r)`` in column form (orthonormal columns).
         grads: their gradients, same shapes (views of ``.grad`` are written in place).
     """
-    x = torch.stack(list(xs)).to(_work_dtype(xs[0].dtype))
+    x = torch.stack(list(xs)).to(working_dtype(xs[0]))
     g = torch.stack(list(grads)).to(x.dtype)
     rg = g - x @ (g.mT @ x)
     torch._foreach_copy_(list(grads), list(rg.unbind(0)))
@@ -178,15 +177,17 @@ class RiemannianHooks:
         self._post = optimizer.register_step_post_hook(self._post_hook)
 
     def _buckets(self) -> dict[tuple, list[int]]:
-        buckets: dict[tuple, list[int]] = {}
+        """Indices of the factors with a gradient, per bucket of column-form shape, dtype and
+        device (:mod:`stiefel_kernels._buckets`)."""
+        live = []
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("make_riemannian: sparse gradients are not supported")
-            x = as_column_form(p)
-            buckets.setdefault((tuple(x.shape), p.dtype, p.device), []).append(i)
-        return buckets
+            live.append(i)
+        found = _buckets.buckets([self.params[i] for i in live], column_form=True)
+        return {key: [live[j] for j in idx] for key, idx in found.items()}
 
     @torch.no_grad()
     def _pre_hook(self, optimizer, args, kwargs) -> None:
@@ -200,7 +201,7 @@ class RiemannianHooks:
             xs = [as_column_form(self.params[i]) for i in idx]
             grads = [as_column_form(self.params[i].grad) for i in idx]
             riemannian_gradient_(xs, grads)
-            x_old = torch.stack(xs).to(_work_dtype(xs[0].dtype))  # a copy: the step writes the params
+            x_old = torch.stack(xs).to(working_dtype(xs[0]))  # a copy: the step writes the params
             self._pending.append((idx, x_old))
 
     @torch.no_grad()

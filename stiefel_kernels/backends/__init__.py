@@ -137,9 +137,9 @@ def _is_dtensor(param: Tensor) -> bool:
     return is_dtensor(param)
 
 
-def state_dtype(param: Tensor) -> torch.dtype:
-    """Moments of a Stiefel factor are kept in float32 for half-precision parameters."""
-    return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
+# Moments of a Stiefel factor are kept in its working dtype: float32 for half-precision
+# parameters, else the parameter's dtype (the package's one rule, :mod:`stiefel_kernels._buckets`).
+from .._buckets import working_dtype as state_dtype  # noqa: E402
 
 
 def bias_corrections(state_steps: list[Tensor], beta1: float, beta2: float) -> tuple[list[float], list[float]]:

@@ -1,7 +1,7 @@
 """Torch backend: the two-pass Gram form over whole buckets of same-shape factors.
 
 Portable fast path and the template of the Triton kernels. Per bucket (same shape, dtype,
-device) of a parameter group:
+device: :mod:`stiefel_kernels._buckets`) of a parameter group:
 
 1. moments with ``torch._foreach_*`` (no per-factor Python loop), ``D`` batched;
 2. pass 1: ``K, G, H`` by batched matmuls in float32 or wider (TF32 off);
@@ -14,12 +14,10 @@ failures stay on the device as a count.
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch import Tensor
 
-from .. import distributed, geometry, gram
+from .. import _buckets, distributed, geometry, gram
 from . import FunctionBackend, StiefelHyperparams, bias_corrections, state_dtype
 
 name = "torch"
@@ -27,13 +25,6 @@ name = "torch"
 
 def unsupported_reason(param: Tensor) -> str | None:
     return None
-
-
-def _bucket(params: list[Tensor]) -> dict[tuple, list[int]]:
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        buckets[(tuple(p.shape), p.dtype, p.device)].append(i)
-    return buckets
 
 
 def _as_batch(values: list[float], like: Tensor) -> Tensor:
@@ -53,7 +44,7 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         return distributed.sharded_step(step, params, grads, exp_avgs, exp_avg_sqs,
                                         max_exp_avg_sqs, state_steps, hp)
     failures = None
-    for idx in _bucket(params).values():
+    for idx in _buckets.buckets(params).values():
         ps = [params[i] for i in idx]
         ms = [exp_avgs[i] for i in idx]
         vs = [exp_avg_sqs[i] for i in idx]

@@ -46,7 +46,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .. import gram
+from .. import _buckets, gram
 from ..kernels.stiefel_adamw_triton import stiefel_pass1_kernel, stiefel_pass2_kernel
 from ..kernels.small_step_triton import CAYLEY_FP, NEWTON_SCHULZ, small_step_kernel
 from . import FunctionBackend, StiefelHyperparams, bias_corrections, state_dtype
@@ -277,14 +277,9 @@ def pass2(ptrs: Tensor, shape, p_dtype: torch.dtype, bc: Tensor, coef: Tensor,
 
 def _runs(params: list[Tensor], grads: list[Tensor]) -> list[tuple[int, int]]:
     """``[start, stop)`` ranges of consecutive factors that form one bucket (same shape, dtype,
-    gradient dtype); :func:`step` orders the lists so that buckets are contiguous."""
-    runs, start = [], 0
-    for i in range(1, len(params) + 1):
-        if i == len(params) or (params[i].shape, params[i].dtype, grads[i].dtype) != (
-                params[start].shape, params[start].dtype, grads[start].dtype):
-            runs.append((start, i))
-            start = i
-    return runs
+    device, gradient dtype: :mod:`stiefel_kernels._buckets`); :func:`step` orders the lists so
+    that buckets are contiguous."""
+    return _buckets.runs(params, grads)
 
 
 def _group_step_impl(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -370,12 +365,11 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                                  f"parameter of shape {tuple(p.shape)} on {p.device} (expected "
                                  f"{work} moments of its shape, on its device)")
     # group by device (one op each), order by bucket so that buckets are contiguous runs
-    groups: dict[torch.device, dict[tuple, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for i, p in enumerate(params):
-        groups[p.device][(tuple(p.shape), p.dtype, grads[i].dtype)].append(i)
+    groups: dict[torch.device, list[int]] = {}
+    for key, bucket in _buckets.buckets(params, grads).items():
+        groups.setdefault(key.device, []).extend(bucket)
     failures = None
-    for device, buckets in groups.items():
-        idx = [i for b in buckets.values() for i in b]
+    for device, idx in groups.items():
         steps = [state_steps[i] for i in idx]
         torch._foreach_add_(steps, 1)
         bc1, bc2 = bias_corrections(steps, hp.beta1, hp.beta2)
