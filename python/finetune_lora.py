@@ -1,9 +1,10 @@
 """LoRA fine-tuning of the pre-trained GPT on a shifted task: AdamW vs Stiefel-AdamW vs StelLA.
 
-Base model: a checkpoint of ``pretrain_gpt.py`` (trained on standard-library *source code*); if
-the file is missing, a tiny one is pre-trained first (about 10 s). Task: the English help texts
-of ``pydoc_data.topics`` (prose about the language), nothing downloaded. The base model is frozen;
-adapters go on the attention value/output projections and both MLP linears.
+Base model: a checkpoint of ``pretrain_gpt.py`` (the GPT of ``_gpt.py``, trained on
+standard-library *source code*); if the file is missing, a tiny one is pre-trained first (about
+10 s). Task: the English help texts of ``pydoc_data.topics`` (prose about the language), nothing
+downloaded. The base model is frozen; adapters go on the attention value/output projections and
+both MLP linears.
 
 Methods (same rank, same learning rate, same batches):
 
@@ -33,10 +34,11 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _data  # noqa: E402
 import pretrain_gpt as pt  # noqa: E402
+from _gpt import GPT, GPTConfig  # noqa: E402
 
 from stiefel_kernels import StiefelAdamW, orthonormalize_  # noqa: E402
 from stiefel_kernels.geometry import orthogonality_error  # noqa: E402
-from stiefel_kernels.nn import GPT, GPTConfig, inject_stella, make_stella_optimizer  # noqa: E402
+from stiefel_kernels.nn import inject_stella, make_stella_optimizer  # noqa: E402
 
 METHODS = ("lora-adamw", "lora-stiefel-adamw", "stella")
 LABELS = {"lora-adamw": "LoRA + AdamW", "lora-stiefel-adamw": "LoRA + Stiefel-AdamW", "stella": "StelLA (AdamW+hooks)"}

@@ -1,10 +1,11 @@
 """Pre-train a small byte-level GPT with factorized attention: Stiefel-AdamW vs AdamW.
 
 Per head the attention scores use ``W_Q W_K^T`` with ``W_Q`` (d_model x d_head) a Stiefel factor
-and ``W_K`` Euclidean (the Stiefel-AdamW talk's GPT-2 pre-training set-up,
-``stiefel_kernels.nn.FactorizedCausalSelfAttention``). Both optimizers start from the same
-initialization, see the same batches and use the same hyper-parameters (no re-tuning); with
-AdamW, ``W_Q`` is an ordinary (decayed) matrix. Biases/norms take no weight decay in both.
+and ``W_K`` Euclidean (the Stiefel-AdamW talk's GPT-2 pre-training set-up: the model is
+``python/_gpt.py``'s ``GPT``, built from ``stiefel_kernels.nn.FactorizedCausalSelfAttention``).
+Both optimizers start from the same initialization, see the same batches and use the same
+hyper-parameters (no re-tuning); with AdamW, ``W_Q`` is an ordinary (decayed) matrix.
+Biases/norms take no weight decay in both.
 
 Corpus: the source code of ~60 standard-library modules (``python/_data.py``), nothing
 downloaded; the last 10% is the validation split.
@@ -31,10 +32,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _data  # noqa: E402
+from _gpt import GPT, GPTConfig  # noqa: E402
 
 from stiefel_kernels import StiefelAdamW  # noqa: E402
 from stiefel_kernels.geometry import orthogonality_error  # noqa: E402
-from stiefel_kernels.nn import GPT, GPTConfig, param_groups, stiefel_parameters  # noqa: E402
+from stiefel_kernels.nn import param_groups, stiefel_parameters  # noqa: E402
 
 OPTIMIZERS = ("adamw", "stiefel-adamw")
 LABELS = {"adamw": "AdamW", "stiefel-adamw": "Stiefel-AdamW"}

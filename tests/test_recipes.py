@@ -1,15 +1,5 @@
 """Recipes in python/ run end to end in a reduced smoke mode."""
-import importlib.util
-import pathlib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "python" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _recipes import load
 
 
 def test_lr_stability_smoke(tmp_path, capsys):

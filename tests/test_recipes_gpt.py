@@ -1,22 +1,9 @@
 """pretrain_gpt.py and finetune_lora.py run end to end in smoke mode (a few steps, tiny model)."""
-import importlib.util
-import pathlib
-import sys
-
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load(name):
-    sys.path.insert(0, str(ROOT / "python"))
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "python" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(ROOT / "python"))
+from _recipes import GPT, GPTConfig, load
+from stiefel_kernels import nn as sk_nn
+from stiefel_kernels.nn import FactorizedCausalSelfAttention, param_groups, stiefel_parameters
 
 
 def test_pretrain_then_finetune_smoke(tmp_path, capsys):
@@ -51,3 +38,16 @@ def test_finetune_pretrains_when_checkpoint_missing(tmp_path, capsys):
         assert ck.exists() and "not found: pre-training" in capsys.readouterr().out
     finally:
         torch.set_num_threads(n)
+
+
+def test_recipe_gpt_uses_the_library_attention():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, d_model=16))
+    attn = [m for m in model.modules() if isinstance(m, FactorizedCausalSelfAttention)]
+    assert len(attn) == 2 and stiefel_parameters(model) == [m.w_q for m in attn]
+    groups = param_groups(model, weight_decay=0.1)
+    assert groups[0] == {"params": [m.w_q for m in attn], "stiefel": True}
+    assert [g["weight_decay"] for g in groups[1:]] == [0.1, 0.0]
+    logits, loss = model(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8)))
+    assert logits.shape == (2, 8, 32) and loss.ndim == 0
+    assert not hasattr(sk_nn, "GPT") and not hasattr(sk_nn, "GPTConfig")  # recipe models now

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from stiefel_kernels import orthogonality_error, random_stiefel, retract_polar
-from stiefel_kernels.nn import GPT, GPTConfig, StelLALinear, inject_stella, make_stella_optimizer
+from _recipes import GPT, GPTConfig  # the recipe model python/_gpt.py
+from stiefel_kernels.nn import StelLALinear, inject_stella, make_stella_optimizer
 from stiefel_kernels.riemannian import make_riemannian, project_and_retract_
 
 

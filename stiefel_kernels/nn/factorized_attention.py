@@ -1,4 +1,4 @@
-"""Factorized causal self-attention and a small GPT for Stiefel-AdamW pre-training.
+"""Factorized causal self-attention for Stiefel-AdamW pre-training.
 
 Per head the score matrix is ``x W_Q W_K^T x^T``; the map ``(W_Q, W_K) -> W_Q W_K^T`` is highly
 non-injective. Following the Stiefel-AdamW talk ("GPT2 pre-training") we optimize on
@@ -9,13 +9,11 @@ parameter ``w_q`` of shape ``(n_head, d_model, d_head)`` (a stack of tall factor
 no bias (a bias would break the factorization); values and the output projection are ordinary
 ``nn.Linear`` layers.
 
-Use :func:`param_groups` to build the ``StiefelAdamW`` groups (the talk's recipe: ``W_Q`` on
-Stiefel, biases/norms without decay, everything else plain AdamW).
+Use :func:`param_groups` to build the ``StiefelAdamW`` groups of any model built with this layer
+(the talk's recipe: ``W_Q`` on Stiefel, biases/norms without decay, everything else plain AdamW).
+A small GPT made of it is a recipe model: ``python/_gpt.py`` (used by ``python/pretrain_gpt.py``).
 """
 from __future__ import annotations
-
-import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +21,7 @@ from torch import Tensor, nn
 
 from ..geometry import random_stiefel
 
-__all__ = ["FactorizedCausalSelfAttention", "GPTConfig", "GPT", "stiefel_parameters", "param_groups"]
+__all__ = ["FactorizedCausalSelfAttention", "stiefel_parameters", "param_groups"]
 
 
 class FactorizedCausalSelfAttention(nn.Module):
@@ -69,91 +67,6 @@ class FactorizedCausalSelfAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(b, t, self.n_head * self.d_head)
         return self.resid_dropout(self.out_proj(y))
-
-
-@dataclass
-class GPTConfig:
-    """Small GPT (pre-LayerNorm, GELU MLP, tied embeddings) with factorized attention."""
-    vocab_size: int = 256
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    d_head: int | None = None
-    mlp_ratio: int = 4
-    dropout: float = 0.0
-    bias: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class _MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
-        super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
-
-
-class _Block(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.attn = FactorizedCausalSelfAttention(cfg.d_model, cfg.n_head, cfg.d_head, cfg.bias, cfg.dropout)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.mlp = _MLP(cfg)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class GPT(nn.Module):
-    """A small GPT language model whose attention blocks are :class:`FactorizedCausalSelfAttention`.
-
-    ``forward(idx, targets=None) -> (logits, loss)``; ``loss`` is the mean cross-entropy when
-    ``targets`` is given, else ``None``.
-    """
-
-    def __init__(self, cfg: GPTConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied
-        self.apply(self._init)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
-            if name.endswith("out_proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
-
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        t = idx.shape[1]
-        if t > self.config.block_size:
-            raise ValueError(f"GPT: sequence length {t} > block_size {self.config.block_size}")
-        pos = torch.arange(t, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
-        for blk in self.blocks:
-            x = blk(x)
-        logits = self.lm_head(self.ln_f(x))
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return logits, loss
 
 
 def stiefel_parameters(model: nn.Module) -> list[Tensor]:

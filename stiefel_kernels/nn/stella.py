@@ -202,7 +202,8 @@ def stella_parameters(model: nn.Module) -> dict[str, list[Tensor]]:
 def stella_hidden_size(model: nn.Module) -> int:
     """StelLA's gradient-scaling constant ``c`` of ``model``: its hidden size, read from
     ``model.config.hidden_size`` (Hugging Face configs; the official StelLA code reads
-    ``config.hidden_size``) or else ``model.config.d_model`` (this package's ``GPTConfig``).
+    ``config.hidden_size``) or else ``model.config.d_model`` (the recipe GPT's ``GPTConfig``,
+    ``python/_gpt.py``).
 
     Raises:
         ValueError: if ``model`` has no such config entry (a positive int); pass ``c=`` to
