@@ -1,4 +1,5 @@
-"""Shared test setup: the Triton interpreter on machines without CUDA, and seeded generators."""
+"""Shared test setup: the Triton interpreter on machines without CUDA, one intra-op thread,
+the ``slow`` / ``gpu`` / ``distributed`` markers, and seeded generators."""
 import os
 import subprocess
 import sys
@@ -20,6 +21,19 @@ import pytest  # noqa: E402
 # given to lu_solve must all be >= 1"), and the tests' float64 oracles use it; see
 # smallmat.NATIVE_CPU_MAX_K.
 torch.set_num_threads(1)
+
+#: registered here so that pyproject.toml need not list them; they select tests (``-m "not slow"``),
+#: nothing is deselected by default (tests/README.md)
+MARKERS = {
+    "slow": "takes more than about 5 s on a 2-core CPU machine (deselect with -m \"not slow\")",
+    "gpu": "runs only on a machine with a CUDA device (skipped elsewhere)",
+    "distributed": "launches several processes (torch.distributed, gloo)",
+}
+
+
+def pytest_configure(config):
+    for name, doc in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {doc}")
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ def _find_tool(name: str) -> str:
     return tool
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_find_nvcc() is None,
                     reason="no CUDA toolkit (nvcc) on this machine: nothing to compile the .cu with")
 def test_cuda_sources_compile_and_link(tmp_path):

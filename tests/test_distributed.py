@@ -14,7 +14,8 @@ import torch
 
 from stiefel_kernels.distributed import is_dtensor, long_dim, stiefel_shard_placement_fn
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+pytestmark = [pytest.mark.distributed,
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")]
 
 WORKER = os.path.join(os.path.dirname(__file__), "_distributed_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +46,7 @@ def _launch(phase, world, tmp, ckpt):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Both launches (~15 s on 2 cores): every test that uses it is marked ``slow``."""
     tmp = str(tmp_path_factory.mktemp("dist"))
     ckpt = os.path.join(tmp, "ckpt")
     return {"a": _launch("a", 2, tmp, ckpt), "b": _launch("b", 3, tmp, ckpt)}
@@ -56,11 +58,13 @@ def _check(runs, phase, scenario):
         assert res.get(scenario) == "ok", f"rank {r}: {res.get(scenario, 'did not run')}\n{logs}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["ddp"])
 def test_ddp_same_on_all_ranks_and_equal_to_one_process(runs, scenario):
     _check(runs, "a", scenario)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase, scenario", [
     ("a", "fsdp"), ("a", "fsdp_qr_amsgrad"), ("a", "fsdp_reference"),
     ("b", "fsdp"),  # 3 ranks: uneven and empty shards
@@ -69,19 +73,23 @@ def test_fsdp2_long_dim_sharding_equals_one_process(runs, phase, scenario):
     _check(runs, phase, scenario)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["a", "b"])
 def test_fsdp2_other_layout_falls_back_to_gather(runs, phase):
     _check(runs, phase, "fallback_short_dim")
 
 
+@pytest.mark.slow
 def test_one_all_reduce_per_bucket(runs):
     _check(runs, "a", "one_all_reduce_per_bucket")
 
 
+@pytest.mark.slow
 def test_partial_factor_raises(runs):
     _check(runs, "a", "partial_raises")
 
 
+@pytest.mark.slow
 def test_checkpoint_2_ranks_to_3_resumes_trajectory(runs):
     _check(runs, "a", "checkpoint_save")
     _check(runs, "b", "checkpoint_resume")

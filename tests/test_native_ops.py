@@ -20,8 +20,8 @@ from _smallmat_inputs import (BAD, check_flags, nonsingular, orthogonal,  # noqa
 OPS = torch.ops.stiefel_kernels
 # The CUDA kernels join every device-generic test below on a machine with a GPU and a CUDA build
 # of the extension (there the same assertions hold them to the same float64 oracles).
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _native.has_op("solve", "cuda")
-                     else [])
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)]
+                     if torch.cuda.is_available() and _native.has_op("solve", "cuda") else [])
 DTYPES = [torch.float32, torch.float64]
 # (k, batch shape): sizes 1..256, unbatched and batched, total runtime a few seconds.
 CASES = [(1, ()), (1, (7,)), (3, ()), (3, (2, 5)), (12, (6,)), (12, ()), (48, (3,)),

@@ -59,12 +59,14 @@ def test_lora_factor_one_large_step(gen, backend, retraction):
 
 @pytest.mark.parametrize("backend,retraction",
                          [(b, r) for b in BACKENDS if b != "triton" for r in RETRACTIONS]
-                         + [("triton", "cayley_fp")] * ("triton" in BACKENDS))  # interpreter: 25 s
+                         + [pytest.param("triton", "cayley_fp", marks=pytest.mark.slow)]
+                         * ("triton" in BACKENDS))  # interpreter: 25 s
 def test_million_row_factor(gen, backend, retraction):
     """A 4 x 10^6 factor at lr 1e-3: needs the chunked Gram sums as well as the correction."""
     assert _worst_error(gen, (4, 1_000_000), 1e-3, retraction, backend) < TOL
 
 
+@pytest.mark.slow
 def test_cayley_fp_10000_steps_at_lr_0_1(gen):
     """The default retraction over a long float32 run at a large learning rate, every step."""
     assert _worst_error(gen, (16, 512), 0.1, "cayley_fp", "torch", steps=10_000) < TOL
