@@ -1,6 +1,8 @@
 """StiefelAdamW: Euclidean groups vs torch.optim.AdamW, backends vs the reference, drift,
 state_dict resume, torch.optim API, and every documented error."""
 import copy
+import sys
+import warnings
 
 import pytest
 import torch
@@ -206,8 +208,9 @@ def make_model(gen):
     data = torch.randn(16, 12, generator=gen)
     tgt = torch.randn(16, 8, generator=gen)
 
-    def loss_fn():
-        return ((data @ a.T @ b.T + bias - tgt) ** 2).mean()
+    def loss_fn(params=(a, b, bias)):  # at the model's own parameters, or at others
+        pa, pb, pbias = params
+        return ((data @ pa.T @ pb.T + pbias - tgt) ** 2).mean()
 
     return [a, b, bias], loss_fn
 
@@ -272,50 +275,178 @@ def test_state_dict_from_other_shapes_is_rejected_and_changes_nothing(gen):
         swapped.load_state_dict(before)
 
 
-def test_lr_scheduler_closure_zero_grad_add_param_group(gen):
+def make_api_opt(params, **kw):
+    """Stiefel group (the factor), Euclidean group (the other two)."""
+    return StiefelAdamW([{"params": params[:1], "stiefel": True}, {"params": params[1:]}], **kw)
+
+
+def clone_params(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def test_lr_scheduler_drives_every_groups_lr(gen):
+    """StepLR halves both groups' lr every 2 steps, and the steps use it: a twin whose lr is set
+    by hand follows bit for bit, one that keeps lr = 1e-2 does not."""
     params, loss_fn = make_model(gen)
-    opt = StiefelAdamW([{"params": params[:1], "stiefel": True}, {"params": params[1:2]}], lr=1e-2)
+    by_hand, constant = clone_params(params), clone_params(params)
+    opt = make_api_opt(params, lr=1e-2)
+    opt_hand, opt_const = make_api_opt(by_hand, lr=1e-2), make_api_opt(constant, lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for k in range(4):
+        for g in opt_hand.param_groups:
+            g["lr"] = 1e-2 * 0.5 ** (k // 2)
+        step_both((opt, opt_hand, opt_const), (params, by_hand, constant), loss_fn)
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [2.5e-3, 2.5e-3]
+    for p, h, c in zip(params, by_hand, constant):
+        assert torch.equal(p, h)
+        assert not torch.equal(p, c)
+
+
+def test_step_with_closure_returns_its_loss(gen):
+    params, loss_fn = make_model(gen)
+    opt = make_api_opt(params, lr=1e-2)
+    calls = []
 
     def closure():
         opt.zero_grad()
         loss = loss_fn()
         loss.backward()
+        calls.append(loss.detach())
         return loss
 
-    losses = []
-    for _ in range(4):
-        losses.append(opt.step(closure).item())
-        sched.step()
-    assert [g["lr"] for g in opt.param_groups] == [2.5e-3, 2.5e-3]
-    assert losses[-1] < losses[0]
+    losses = [opt.step(closure) for _ in range(4)]
+    assert len(calls) == 4  # the closure ran once per step, before the step
+    assert all(torch.equal(loss.detach(), c) for loss, c in zip(losses, calls))
+    assert losses[-1].item() < losses[0].item()
+    assert sk.orthogonality_error(params[0]).item() < 1e-5
+
+
+def test_zero_grad_of_both_group_kinds(gen):
+    params, loss_fn = make_model(gen)
+    opt = make_api_opt(params, lr=1e-2)
+    run(opt, loss_fn, 1)
+    loss_fn().backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in params)
     opt.zero_grad()
-    assert all(p.grad is None for p in params[:2])
+    assert all(p.grad is None for p in params)
+
+
+def test_add_param_group_euclidean(gen):
+    """A group added later defaults to Euclidean, keeps its own lr and steps as torch's AdamW."""
+    params, loss_fn = make_model(gen)
+    twin = params[2].detach().clone().requires_grad_()
+    opt = make_api_opt(params[:2], lr=1e-2)
     opt.add_param_group({"params": params[2:], "lr": 1e-3})
-    assert opt.param_groups[-1]["stiefel"] is False
-    opt.step(closure)
-    assert len(opt.state[params[2]]) == 3
-    # a Stiefel group added later is validated like one given at construction
+    ref = torch.optim.AdamW([twin], lr=1e-3, weight_decay=opt.defaults["weight_decay"])
+    assert opt.param_groups[-1]["stiefel"] is False and opt.param_groups[-1]["lr"] == 1e-3
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn().backward()
+        twin.grad = params[2].grad.clone()
+        opt.step()
+        ref.step()
+    assert set(opt.state[params[2]]) == set(ref.state[twin])
+    assert torch.equal(params[2], twin)
+
+
+def test_add_param_group_stiefel(gen):
+    """A Stiefel group added later is validated like one given at construction (a bad one adds
+    nothing), keeps its options and steps with them: bit for bit like an optimizer built with
+    retraction="qr", unlike one built with "polar"."""
+    params, loss_fn = make_model(gen)
+    opt = make_api_opt(params, lr=1e-2)
+    with pytest.raises(ValueError, match="weight_decay"):
+        opt.add_param_group({"params": [sk.random_stiefel(2, 9, generator=gen).requires_grad_()],
+                             "stiefel": True, "weight_decay": 0.1})
     extra = sk.random_stiefel(2, 9, generator=gen).requires_grad_()
     opt.add_param_group({"params": [extra], "stiefel": True, "retraction": "qr"})
-    extra.grad = torch.randn(2, 9, generator=gen)
-    opt.step()
+    assert len(opt.param_groups) == 3 and opt.param_groups[-1]["retraction"] == "qr"
+    twins = {name: extra.detach().clone().requires_grad_() for name in ("qr", "polar")}
+    built = {name: StiefelAdamW([{"params": [t], "stiefel": True}], lr=1e-2, retraction=name)
+             for name, t in twins.items()}
+    for _ in range(3):
+        g = torch.randn(2, 9, generator=gen)
+        for t in [extra, *twins.values()]:
+            t.grad = g.clone()
+        for o in [opt, *built.values()]:
+            o.step()
+    assert torch.equal(extra, twins["qr"])
+    assert not torch.equal(extra, twins["polar"])
     assert sk.orthogonality_error(extra).item() < 1e-5
 
 
-def test_optimizer_pickles_and_deepcopies(gen):
+def assert_same_optimizer(a, b):
+    """``b`` is an exact copy of ``a``: defaults, param_groups (hyper-parameters and parameter
+    values) and every state entry (tensors with ``torch.equal`` and the same dtype)."""
+    # torch.optim.Optimizer.__setstate__ adds defaults["differentiable"] = False, which
+    # StiefelAdamW's defaults do not have (no group reads it)
+    def strip(d):
+        return {k: v for k, v in d.items() if (k, v) != ("differentiable", False)}
+
+    assert strip(a.defaults) == strip(b.defaults)
+    assert len(a.param_groups) == len(b.param_groups)
+    for ga, gb in zip(a.param_groups, b.param_groups):
+        assert {k: v for k, v in ga.items() if k != "params"} == {k: v for k, v in gb.items() if k != "params"}
+        assert len(ga["params"]) == len(gb["params"])
+        for pa, pb in zip(ga["params"], gb["params"]):
+            assert pb is not pa
+            assert pa.dtype == pb.dtype and pa.requires_grad == pb.requires_grad
+            assert torch.equal(pa, pb)
+            sa, sb = a.state[pa], b.state[pb]
+            assert set(sa) == set(sb) and sa, (set(sa), set(sb))
+            for key in sa:
+                assert isinstance(sb[key], type(sa[key])), key
+                if isinstance(sa[key], torch.Tensor):
+                    assert sa[key].dtype == sb[key].dtype, key
+                    assert torch.equal(sa[key], sb[key]), key
+                else:
+                    assert sa[key] == sb[key], key
+    assert len(a.state) == len(b.state)
+    assert a.retraction_failures == b.retraction_failures
+
+
+def check_exact_copy(opt, clone, gen):
+    """``clone`` equals ``opt`` entirely, and a step of each on the same gradients keeps them equal
+    bit for bit (parameters and state)."""
+    assert_same_optimizer(opt, clone)
+    originals = [p for g in opt.param_groups for p in g["params"]]
+    copies = [p for g in clone.param_groups for p in g["params"]]
+    for _ in range(2):
+        for p, q in zip(originals, copies):
+            g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        clone.step()
+        assert_same_optimizer(opt, clone)
+
+
+def _trained_opt(gen, backend, amsgrad):
+    params, loss_fn = make_model(gen)
+    stack = sk.random_stiefel(2, 5, 11, dtype=torch.float64, generator=gen).requires_grad_()
+    opt = StiefelAdamW([{"params": [params[0], stack], "stiefel": True, "retraction": "polar"},
+                        {"params": params[1:], "lr": 3e-3}],
+                       lr=1e-2, amsgrad=amsgrad, backend=backend)
+    for _ in range(3):
+        opt.zero_grad()
+        (loss_fn() + (stack ** 3).sum()).backward()
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("backend,amsgrad", [("torch", False), ("torch", True), ("reference", True)])
+def test_pickled_optimizer_is_an_exact_copy(gen, backend, amsgrad):
     import pickle
 
-    params, loss_fn = make_model(gen)
-    opt = StiefelAdamW([{"params": params[:1], "stiefel": True}, {"params": params[1:]}], lr=1e-2)
-    run(opt, loss_fn, 2)
-    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
-        cloned_params = [p for g in clone.param_groups for p in g["params"]]
-        for p in cloned_params:
-            p.grad = torch.randn(p.shape, generator=gen)
-        clone.step()
-        assert clone.retraction_failures == 0
-        assert sk.orthogonality_error(cloned_params[0]).item() < 1e-5
+    opt = _trained_opt(gen, backend, amsgrad)
+    check_exact_copy(opt, pickle.loads(pickle.dumps(opt)), gen)
+
+
+@pytest.mark.parametrize("backend,amsgrad", [("torch", False), ("torch", True), ("reference", True)])
+def test_deepcopied_optimizer_is_an_exact_copy(gen, backend, amsgrad):
+    opt = _trained_opt(gen, backend, amsgrad)
+    check_exact_copy(opt, copy.deepcopy(opt), gen)
 
 
 def test_lr_zero_keeps_factor(gen):
@@ -337,6 +468,105 @@ def test_backend_env_var(gen, monkeypatch):
         backends.resolve_backend("auto", a)
     monkeypatch.delenv(backends.ENV_VAR)
     assert backends.resolve_backend("auto", a).name == "torch"  # CPU default
+
+
+# ---------------------------------------------------------------- loading the triton backend
+def fake_cuda_factor():
+    """A float32 4 x 32 factor on a (fake) CUDA device: auto_backend's choice without a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.empty(4, 32, device="cuda")
+
+
+@pytest.fixture
+def fresh_triton_load(monkeypatch):
+    """The next load of the triton backend imports triton_backend afresh (the registry, the
+    module cache and the package attribute are restored afterwards)."""
+    monkeypatch.delitem(backends._REGISTRY, "triton", raising=False)
+    monkeypatch.delitem(sys.modules, "stiefel_kernels.backends.triton_backend", raising=False)
+    monkeypatch.delattr(backends, "triton_backend", raising=False)
+    monkeypatch.setattr(backends, "_TRITON_LOAD_WARNED", set())
+    return monkeypatch
+
+
+def test_auto_backend_picks_triton_on_cuda():
+    pytest.importorskip("triton")
+    assert backends.auto_backend(fake_cuda_factor()).name == "triton"
+
+
+def test_auto_backend_without_triton_falls_back_silently(fresh_triton_load):
+    fresh_triton_load.setitem(sys.modules, "triton", None)  # as if triton were not installed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.auto_backend(fake_cuda_factor()).name == "torch"
+    with pytest.raises(ValueError, match="not usable here: .*triton"):
+        backends.get_backend("triton")  # asked for by name, its absence is an error
+
+
+@pytest.mark.parametrize("value", ["tf32", "IEEE", ""])
+def test_auto_backend_bad_triton_dot_env_var_raises(fresh_triton_load, value):
+    pytest.importorskip("triton")
+    fresh_triton_load.setenv("STIEFEL_KERNELS_TRITON_DOT", value)
+    for resolve in (backends.auto_backend, lambda p: backends.resolve_backend("auto", p)):
+        with pytest.raises(ValueError, match=f"STIEFEL_KERNELS_TRITON_DOT.*got {value!r}"):
+            resolve(fake_cuda_factor())
+    assert backends.auto_backend(torch.empty(4, 32)).name == "torch"  # CPU never loads triton
+
+
+def test_auto_backend_broken_triton_warns_once_and_falls_back(fresh_triton_load):
+    pytest.importorskip("triton")
+    fresh_triton_load.setitem(sys.modules, "triton.language", None)  # triton there, but broken
+    with pytest.warns(RuntimeWarning, match="triton.language.*fall back to the torch backend"):
+        assert backends.auto_backend(fake_cuda_factor()).name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.auto_backend(fake_cuda_factor()).name == "torch"  # warned once
+
+
+def _triton_step_is_orthonormal(gen):
+    a = sk.random_stiefel(3, 40, generator=gen).requires_grad_()
+    opt = StiefelAdamW([{"params": [a], "stiefel": True}], lr=1e-2, backend="triton")
+    a.grad = torch.randn(3, 40, generator=gen)
+    opt.step()
+    return sk.orthogonality_error(a).item() < 1e-5
+
+
+def test_triton_module_reload_reregisters_the_op_silently(gen):
+    """Re-registering the custom op (importlib.reload of the module) raises nothing and warns
+    nothing: custom_op replaces its own earlier definition."""
+    pytest.importorskip("triton")
+    import importlib
+
+    from stiefel_kernels.backends import triton_backend as tb
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        importlib.reload(tb)
+    assert tb._group_step is not tb._group_step_impl
+    assert hasattr(torch.ops.stiefel_kernels, "triton_stiefel_step")
+    assert _triton_step_is_orthonormal(gen)
+
+
+def test_triton_op_registration_failure_warns_and_steps_eagerly(gen, monkeypatch):
+    pytest.importorskip("triton")
+    import importlib
+
+    from stiefel_kernels.backends import triton_backend as tb
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("stiefel_kernels::triton_stiefel_step defined elsewhere")
+
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(torch.library, "custom_op", refuse)
+            with pytest.warns(RuntimeWarning, match="could not register .*RuntimeError: .*defined elsewhere"):
+                importlib.reload(tb)
+        assert tb._group_step is tb._group_step_impl
+        assert _triton_step_is_orthonormal(gen)
+    finally:
+        importlib.reload(tb)  # registered again for the tests that follow
+    assert tb._group_step is not tb._group_step_impl
 
 
 # ---------------------------------------------------------------- bad input: clear error, nothing changed

@@ -100,16 +100,43 @@ def get_backend(name: str) -> Backend:
     raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {available_backends()}")
 
 
+#: messages of the Triton load failures :func:`auto_backend` has warned about (each warns once)
+_TRITON_LOAD_WARNED: set[str] = set()
+
+
 def auto_backend(param: Tensor) -> Backend:
     """The default backend for a parameter: ``triton`` on CUDA when importable, else ``torch``
-    (always ``torch`` for a DTensor: :mod:`stiefel_kernels.distributed`)."""
+    (always ``torch`` for a DTensor: :mod:`stiefel_kernels.distributed`).
+
+    Loading the triton backend on CUDA:
+
+    * triton not installed (``ModuleNotFoundError`` for ``triton`` itself): ``torch``, silently;
+    * a bad value of one of this package's environment variables (``STIEFEL_KERNELS_TRITON_DOT``):
+      ``ValueError``; the user set it on purpose, so it is not ignored;
+    * any other import error (a broken or incompatible triton): ``torch``, with one warning per
+      distinct error.
+
+    Raises:
+        ValueError: for a bad ``STIEFEL_KERNELS_*`` value met while loading the triton backend.
+    """
     if param.device.type == "cuda" and "triton" in _LAZY and not _is_dtensor(param):
         try:
             backend = get_backend("triton")
+        except ValueError as exc:
+            cause = exc.__cause__
+            missing = isinstance(cause, ModuleNotFoundError) and cause.name == "triton"
+            if not missing:
+                if "STIEFEL_KERNELS_" in str(cause):
+                    raise
+                if str(exc) not in _TRITON_LOAD_WARNED:
+                    _TRITON_LOAD_WARNED.add(str(exc))
+                    import warnings
+
+                    warnings.warn(f"{exc}; CUDA parameters fall back to the torch backend",
+                                  RuntimeWarning, stacklevel=2)
+        else:
             if backend.unsupported_reason(param) is None:
                 return backend
-        except ValueError:
-            pass
     return get_backend("torch")
 
 

@@ -324,6 +324,12 @@ def _group_step_impl(params: list[Tensor], grads: list[Tensor], exp_avgs: list[T
 
 
 _group_step = _group_step_impl
+# Registration is what lets a step sit inside torch.compile'd code; the eager step does not need
+# it. Re-registration raises nothing: importlib.reload of this module redefines the op
+# (custom_op replaces a definition of its own; tests/test_optimizer.py checks it). What
+# can fail is a name already defined by something other than custom_op (RuntimeError), or a
+# torch whose schema inference rejects the signature (ValueError, NotImplementedError): then the
+# step runs unregistered, and the warning says so (once per import of this module).
 try:
     _group_step = torch.library.custom_op(
         "stiefel_kernels::triton_stiefel_step",
@@ -334,8 +340,15 @@ try:
     def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc, lr, beta1, beta2, eps,
           maximize, retraction, cayley_iters, ns_steps, drift_tol):
         return torch.empty((), dtype=torch.int32, device=params[0].device)
-except Exception:  # pragma: no cover - registration is best effort (e.g. module reloaded)
+except (RuntimeError, ValueError, NotImplementedError) as _exc:
+    import warnings
+
     _group_step = _group_step_impl
+    warnings.warn(f"triton backend: could not register the custom op "
+                  f"stiefel_kernels::triton_stiefel_step ({type(_exc).__name__}: {_exc}); the "
+                  f"step still works, but not as one opaque op inside torch.compile'd code",
+                  RuntimeWarning)
+    del _exc
 
 
 # ----------------------------------------------------------------------------- backend step
