@@ -5,7 +5,7 @@ pytest-benchmark (not collected by the test suite; run explicitly):
 Table of medians (CPU, or the GPU with --device cuda; paste it under bench/results/):
     python bench/bench_smallmat.py [--device cpu|cuda] [--dtype float32|float64] [--threads N]
 
-The torch.linalg side is exactly the fallback of stiefel_kernels.smallmat: cholesky_ex +
+The torch.linalg side is exactly the default kernel of the ops (stiefel_kernels.ops): cholesky_ex +
 solve_triangular, solve_ex, and eigh-based inverse square root; the Newton–Schulz side is
 smallmat.inv_sqrt_spd_newton_schulz (20 coupled steps, matrix products only). Inputs resemble the
 optimizer's r x r step: SPD Gram matrices with condition number 10, and for solve a general
@@ -48,8 +48,16 @@ def make_inputs(op: str, batch: int, k: int, dtype: torch.dtype, device: str = "
     return ((m + m.mT) / 2).to(dtype=dtype, device=device),
 
 
+def _enable_native(device: str) -> None:
+    """The native CUDA kernels are opt-in (stiefel_kernels.ops): measuring them means enabling
+    them (a CUDA build of the extension)."""
+    if device == "cuda" and _native.available and _native._C.with_cuda:
+        _native.enable_cuda_kernels()
+
+
 def impl(op: str, method: str, device: str = "cpu"):
     if method == "native":
+        _enable_native(device)
         if not _native.has_op(op, device):
             pytest.skip(f"native extension has no {device} kernel for {op}")
         return getattr(torch.ops.stiefel_kernels, op)
@@ -101,6 +109,7 @@ def main() -> None:
             for k in args.sizes:
                 inputs = make_inputs(op, batch, k, dtype, args.device)
                 times = {}
+                _enable_native(args.device)
                 for method in METHODS[op]:
                     if method == "native" and not _native.has_op(op, args.device):
                         continue

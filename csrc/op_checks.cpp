@@ -1,6 +1,6 @@
 // Argument checks and argument preparation shared by every backend of the batched small-matrix ops (declared in
 // smallmat.h): the CPU and CUDA kernels reject the same inputs with the same messages, and so do
-// the fake kernels in stiefel_kernels/_fake_kernels.py.
+// the default and fake kernels in stiefel_kernels/ops.py.
 #include <ATen/ExpandUtils.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>

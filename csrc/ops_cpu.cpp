@@ -1,4 +1,5 @@
-// CPU kernels of the batched small-matrix ops (schemas in module.cpp).
+// CPU kernels of the batched small-matrix ops (schemas and default kernels in
+// stiefel_kernels/ops.py; these override the defaults on CPU tensors when _C is loaded).
 //
 // Every matrix is copied into a float64 scratch buffer, factored there by hand-written loops
 // (no LAPACK, no at::linalg_*), and the result is rounded to the input dtype: float32 inputs get

@@ -1,9 +1,10 @@
 // Shared declarations of the batched small-matrix ops of stiefel_kernels.
 //
-// The schemas live in module.cpp (TORCH_LIBRARY); every backend (CPU in ops_cpu.cpp, CUDA in
-// cuda/ops_cuda.cpp) registers its kernels with TORCH_LIBRARY_IMPL and validates its arguments
-// with the checks below, so that all backends (and the fake kernels in _fake_kernels.py) reject
-// the same inputs with the same messages.
+// The schemas and the default (torch.linalg) kernels live in stiefel_kernels/ops.py; the CPU
+// kernels (ops_cpu.cpp) override them at load with TORCH_LIBRARY_IMPL, the CUDA kernels
+// (cuda/ops_cuda.cpp) on request (register_cuda_kernels). Every kernel validates its arguments
+// with the checks below, so that all of them (and the fake kernels in ops.py) reject the same
+// inputs with the same messages.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -31,6 +32,10 @@ SolveOperands broadcast_solve_operands(const at::Tensor& a, const at::Tensor& b)
 std::tuple<at::Tensor, at::Tensor> inv_sqrt_spd_cpu(const at::Tensor& m);
 std::tuple<at::Tensor, at::Tensor> cholesky_upper_inverse_cpu(const at::Tensor& m);
 std::tuple<at::Tensor, at::Tensor> solve_cpu(const at::Tensor& a, const at::Tensor& b);
+
+// Registers / removes the CUDA kernels (cuda/ops_cuda.cpp; only in a CUDA build). Idempotent.
+void register_cuda_kernels();
+void unregister_cuda_kernels();
 
 // info codes shared by all ops (besides the op-specific positive codes).
 constexpr int32_t kInfoNonFinite = -1;     // a NaN or Inf in the input

@@ -1,21 +1,28 @@
 """Loads the compiled extension ``stiefel_kernels._C`` if it was built.
 
-The package works without it (the torch.linalg formulations in :mod:`stiefel_kernels.smallmat`
-take over); importing warns once so a user knows the native CPU small step is missing.
+The ``stiefel_kernels::`` ops always exist (:mod:`stiefel_kernels.ops` defines them with their
+default torch.linalg kernels); the extension adds native kernels that override the defaults:
+its CPU kernels when it loads, its CUDA kernels when :func:`enable_cuda_kernels` is called
+(at import when ``STIEFEL_KERNELS_CUDA_KERNELS=1``). A missing extension warns once.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 
-import torch
+from . import ops  # noqa: F401  (schemas and default kernels: before _C registers its kernels)
 
-__all__ = ["available", "has_op", "load_error"]
+__all__ = ["available", "has_op", "load_error", "enable_cuda_kernels", "disable_cuda_kernels",
+           "cuda_kernels_enabled"]
+
+#: environment variable that registers the native CUDA kernels at import
+CUDA_KERNELS_ENV = "STIEFEL_KERNELS_CUDA_KERNELS"
 
 load_error: Exception | None = None
+cuda_kernels_enabled = False
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.stiefel_kernels.*)
-    from . import _fake_kernels  # noqa: F401  (meta/fake kernels for torch.compile)
+    from . import _C  # registers the CPU kernels of torch.ops.stiefel_kernels.*
     available = True
 except Exception as exc:  # ImportError, or an ABI mismatch with the running torch
     available = False
@@ -24,22 +31,47 @@ except Exception as exc:  # ImportError, or an ABI mismatch with the running tor
     reason = f"failed to load ({type(exc).__name__}: {exc})" if built else "is not built"
     warnings.warn(
         f"stiefel_kernels: the native extension stiefel_kernels._C {reason}; "
-        "using the torch.linalg fallback for the r x r step. "
+        "the r x r step uses the default torch.linalg kernels. "
         "Reinstall with `pip install --no-build-isolation .` to build it.",
         RuntimeWarning,
         stacklevel=3,
     )
 
 
-def has_op(name: str, device_type: str) -> bool:
-    """True when ``torch.ops.stiefel_kernels.<name>`` has a kernel for ``device_type``."""
+def enable_cuda_kernels() -> None:
+    """Make the native CUDA kernels (``csrc/cuda/``, one thread block per matrix) override the
+    default torch.linalg kernels on CUDA tensors, for the rest of the process. Opt-in until a GPU
+    has measured them (``bench/bench_smallmat.py --device cuda``).
+
+    Raises:
+        RuntimeError: the extension is not loaded, or was built without CUDA.
+    """
+    global cuda_kernels_enabled
     if not available:
+        raise RuntimeError(f"stiefel_kernels._C is not loaded ({load_error}): no native CUDA kernels")
+    _C.enable_cuda_kernels()  # raises when built without CUDA
+    cuda_kernels_enabled = True
+
+
+def disable_cuda_kernels() -> None:
+    """Undo :func:`enable_cuda_kernels`: the default torch.linalg kernels run on CUDA again."""
+    global cuda_kernels_enabled
+    if available:
+        _C.disable_cuda_kernels()
+    cuda_kernels_enabled = False
+
+
+def has_op(name: str, device_type: str) -> bool:
+    """True when the native kernel of ``torch.ops.stiefel_kernels.<name>`` runs on
+    ``device_type`` (otherwise the default torch.linalg kernel does)."""
+    if not available or name not in ops.OPS:
         return False
+    return device_type == "cpu" or (device_type == "cuda" and cuda_kernels_enabled)
+
+
+if os.environ.get(CUDA_KERNELS_ENV, "0") not in ("", "0"):
     try:
-        op = getattr(torch.ops.stiefel_kernels, name)
-    except (AttributeError, RuntimeError):
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), key)
+        enable_cuda_kernels()
+    except RuntimeError as exc:  # asked for, but not there: say so, keep the defaults
+        warnings.warn(f"stiefel_kernels: {CUDA_KERNELS_ENV} is set but {exc}", RuntimeWarning,
+                      stacklevel=3)

@@ -18,8 +18,8 @@ import pytest  # noqa: E402
 # 72 s instead of 5 s). It is set once and raised only inside a test that needs it: with torch
 # 2.13's CPU build, while a count >= 2 set by torch.set_num_threads is in effect, batched
 # torch.linalg.solve_ex of 256 x 256 matrices returns garbage with info = 0 (or raises "Pivots
-# given to lu_solve must all be >= 1"), and the tests' float64 oracles use it; see
-# smallmat.NATIVE_CPU_MAX_K.
+# given to lu_solve must all be >= 1"), and the tests' float64 oracles use it (the ops' CPU
+# kernel is the native one at every k: stiefel_kernels/ops.py).
 torch.set_num_threads(1)
 
 #: registered here so that pyproject.toml need not list them; they select tests (``-m "not slow"``),

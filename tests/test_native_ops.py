@@ -20,8 +20,19 @@ from _smallmat_inputs import (BAD, check_flags, nonsingular, orthogonal,  # noqa
 OPS = torch.ops.stiefel_kernels
 # The CUDA kernels join every device-generic test below on a machine with a GPU and a CUDA build
 # of the extension (there the same assertions hold them to the same float64 oracles).
-DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)]
-                     if torch.cuda.is_available() and _native.has_op("solve", "cuda") else [])
+CUDA_NATIVE = torch.cuda.is_available() and _native.available and _native._C.with_cuda
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if CUDA_NATIVE else [])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cuda_kernels_enabled():
+    """The native CUDA kernels are opt-in (stiefel_kernels.ops): on for this module only."""
+    was = _native.cuda_kernels_enabled
+    if CUDA_NATIVE:
+        _native.enable_cuda_kernels()
+    yield
+    if CUDA_NATIVE and not was:
+        _native.disable_cuda_kernels()
 DTYPES = [torch.float32, torch.float64]
 # (k, batch shape): sizes 1..256, unbatched and batched, total runtime a few seconds.
 CASES = [(1, ()), (1, (7,)), (3, ()), (3, (2, 5)), (12, (6,)), (12, ()), (48, (3,)),

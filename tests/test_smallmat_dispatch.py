@@ -1,91 +1,119 @@
-"""Which implementation :mod:`stiefel_kernels.smallmat` runs, and its Newton–Schulz formulation."""
+"""Which kernel the ``stiefel_kernels::`` ops run (one mechanism: the dispatcher), and the
+Newton–Schulz inverse square root of :mod:`stiefel_kernels.smallmat`."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from stiefel_kernels import _native, smallmat
+from stiefel_kernels import _native, ops, smallmat
 
 from _smallmat_inputs import orthogonal, rel_err, rtol, seeded_gen, spd
 
-OPS = ("inv_sqrt_spd", "cholesky_upper_inverse", "solve")
+ROOT = Path(__file__).resolve().parents[1]
+NOT_BUILT = pytest.mark.skipif(not _native.available,
+                               reason="native extension stiefel_kernels._C not built")
 
 
-@pytest.fixture
-def env(monkeypatch):
-    monkeypatch.delenv("STIEFEL_KERNELS_SMALLMAT", raising=False)
-    monkeypatch.delenv("STIEFEL_KERNELS_NO_NATIVE", raising=False)
-    return monkeypatch
+def _inputs(k=6):
+    gen = seeded_gen("dispatch", k)
+    m = spd((3,), k, 10.0, gen)
+    b = torch.randn(3, k, 2, generator=gen, dtype=torch.float64)
+    return {"inv_sqrt_spd": (m,), "cholesky_upper_inverse": (m,), "solve": (m, b)}
 
 
-def _pretend_built(monkeypatch, devices=("cpu", "cuda")):
-    monkeypatch.setattr(_native, "has_op", lambda op, device_type: device_type in devices)
+FORMULATIONS = {"inv_sqrt_spd": smallmat.inv_sqrt_spd_torch,
+                "cholesky_upper_inverse": smallmat.cholesky_upper_inverse_torch,
+                "solve": smallmat.solve_torch}
+ENTRY_POINTS = {"inv_sqrt_spd": smallmat.inv_sqrt_spd,
+                "cholesky_upper_inverse": smallmat.cholesky_upper_inverse, "solve": smallmat.solve}
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_auto_policy_is_the_measured_one(env, op):
-    _pretend_built(env)
-    assert smallmat.implementation(op, "cpu", 8) == "native"
-    limit = smallmat.NATIVE_CPU_MAX_K[op]
-    assert smallmat.implementation(op, "cpu", limit or 512) == "native"
-    if limit is not None:
-        assert smallmat.implementation(op, "cpu", limit + 1) == "torch"
-    # CUDA kernels are opt-in until a GPU has measured them.
-    assert smallmat.NATIVE_CUDA_DEFAULT is False
-    assert smallmat.implementation(op, "cuda", 8) == "torch"
-    env.setattr(smallmat, "NATIVE_CUDA_DEFAULT", True)
-    assert smallmat.implementation(op, "cuda", 8) == "native"
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full,
+                          timeout=300)
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_environment_forces_an_implementation(env, op):
-    _pretend_built(env)
-    env.setenv("STIEFEL_KERNELS_SMALLMAT", "native")
-    assert smallmat.implementation(op, "cuda", 8) == "native"
-    assert smallmat.implementation(op, "cpu", 512) == "native"
-    env.setenv("STIEFEL_KERNELS_SMALLMAT", "torch")
-    assert smallmat.implementation(op, "cpu", 8) == "torch"
-    env.setenv("STIEFEL_KERNELS_SMALLMAT", "auto")
-    env.setenv("STIEFEL_KERNELS_NO_NATIVE", "1")
-    assert smallmat.implementation(op, "cpu", 8) == "torch"
+def test_ops_exist_with_their_default_kernels_without_the_extension():
+    """Without ``_C`` the ops are still there and run the torch.linalg formulations, bit for bit
+    (a fresh interpreter in which importing ``_C`` fails)."""
+    code = """
+import sys, warnings
+sys.modules["stiefel_kernels._C"] = None  # import of the extension fails
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch
+    from stiefel_kernels import _native, smallmat
+assert not _native.available and any("_C" in str(w.message) for w in caught)
+sys.path.insert(0, "tests")
+from test_smallmat_dispatch import FORMULATIONS, ENTRY_POINTS, _inputs
+for name, args in _inputs().items():
+    got, want = ENTRY_POINTS[name](*args), FORMULATIONS[name](*args)
+    assert all(torch.equal(x, y) for x, y in zip(got, want)), name
+    assert not _native.has_op(name, "cpu")
+print("defaults ok")
+"""
+    res = _run(code)
+    assert res.returncode == 0 and "defaults ok" in res.stdout, res.stderr[-3000:]
 
 
-def test_forcing_a_kernel_that_is_not_built_raises(env):
-    _pretend_built(env, devices=("cpu",))
-    env.setenv("STIEFEL_KERNELS_SMALLMAT", "native")
-    with pytest.raises(RuntimeError, match="no cuda kernel for solve"):
-        smallmat.implementation("solve", "cuda", 8)
-    assert smallmat.implementation("solve", "cpu", 8) == "native"
-    env.setenv("STIEFEL_KERNELS_SMALLMAT", "fast")
-    with pytest.raises(ValueError, match="STIEFEL_KERNELS_SMALLMAT must be one of"):
-        smallmat.implementation("solve", "cpu", 8)
+@NOT_BUILT
+def test_native_cpu_kernels_override_the_defaults():
+    """With ``_C`` loaded, the CPU kernel registered by ``csrc/ops_cpu.cpp`` runs: the dispatcher
+    lists it next to the default, and its contract (NaN where ``info`` is nonzero) shows."""
+    for name in ops.OPS:
+        table = torch._C._dispatch_dump(f"stiefel_kernels::{name}")
+        assert "CPU: registered at" in table and "ops_cpu.cpp" in table, table
+        assert "CompositeExplicitAutograd[alias]: registered at" in table, table
+        assert _native.has_op(name, "cpu")
+    m = -torch.eye(4, dtype=torch.float64).expand(2, 4, 4).clone()  # not positive definite
+    x, info = smallmat.cholesky_upper_inverse(m)
+    _, info_default = smallmat.cholesky_upper_inverse_torch(m)
+    assert (info != 0).all() and (info_default != 0).all()
+    assert torch.isnan(x).all()  # the native kernel's fill; the default leaves LAPACK's output
+    for name, args in _inputs(12).items():  # and the two agree where both succeed
+        (x, info), (ref, ref_info) = ENTRY_POINTS[name](*args), FORMULATIONS[name](*args)
+        assert torch.equal(info, ref_info) and rel_err(x, ref) < 1e-12, name
 
 
-def test_not_built_falls_back_to_torch(env):
-    _pretend_built(env, devices=())
-    for op in OPS:
-        assert smallmat.implementation(op, "cpu", 8) == "torch"
-        assert smallmat.implementation(op, "cuda", 8) == "torch"
+def test_cuda_kernels_are_opt_in():
+    """Unmeasured on a GPU, the CUDA kernels run only when asked for; asking where they were
+    not built is an error (at import: a warning) and changes nothing."""
+    assert not _native.has_op("solve", "cuda") or _native.cuda_kernels_enabled
+    if not (_native.available and _native._C.with_cuda):
+        with pytest.raises(RuntimeError, match="CUDA"):
+            _native.enable_cuda_kernels()
+        assert not _native.cuda_kernels_enabled and not _native.has_op("solve", "cuda")
+        res = _run("import warnings; warnings.simplefilter('error', RuntimeWarning)\n"
+                   "try:\n    import stiefel_kernels\nexcept RuntimeWarning as w:\n    print('warned', w)",
+                   STIEFEL_KERNELS_CUDA_KERNELS="1")
+        assert res.returncode == 0 and "warned" in res.stdout and "STIEFEL_KERNELS_CUDA_KERNELS" in res.stdout, \
+            res.stdout + res.stderr[-2000:]
+    else:  # a CUDA build: enable, check the dispatcher, take them back
+        was = _native.cuda_kernels_enabled
+        _native.enable_cuda_kernels()
+        assert _native.has_op("solve", "cuda")
+        assert "CUDA: registered at" in torch._C._dispatch_dump("stiefel_kernels::solve")
+        _native.disable_cuda_kernels()
+        assert "CUDA: registered at" not in torch._C._dispatch_dump("stiefel_kernels::solve")
+        if was:
+            _native.enable_cuda_kernels()
 
 
-@pytest.mark.skipif(not _native.available, reason="native extension stiefel_kernels._C not built")
-def test_entry_points_run_what_implementation_says(env):
-    """Bitwise the native op under 'native', bitwise torch.linalg under 'torch'."""
-    gen = seeded_gen("dispatch")
-    m = spd((3,), 6, 10.0, gen)
-    b = torch.randn(3, 6, 2, generator=gen, dtype=torch.float64)
-    calls = {
-        "inv_sqrt_spd": (smallmat.inv_sqrt_spd, smallmat.inv_sqrt_spd_torch, (m,)),
-        "cholesky_upper_inverse": (smallmat.cholesky_upper_inverse,
-                                   smallmat.cholesky_upper_inverse_torch, (m,)),
-        "solve": (smallmat.solve, smallmat.solve_torch, (m, b)),
-    }
-    for op, (entry, torch_impl, args) in calls.items():
-        env.setenv("STIEFEL_KERNELS_SMALLMAT", "native")
-        native = getattr(torch.ops.stiefel_kernels, op)(*args)
-        assert all(torch.equal(x, y) for x, y in zip(entry(*args), native)), op
-        env.setenv("STIEFEL_KERNELS_SMALLMAT", "torch")
-        assert all(torch.equal(x, y) for x, y in zip(entry(*args), torch_impl(*args))), op
+def test_default_kernels_check_arguments_like_the_native_ones():
+    m = torch.zeros(2, 3, 4, dtype=torch.float64)
+    for op in (ops._inv_sqrt_spd_default, ops._cholesky_upper_inverse_default):
+        with pytest.raises(RuntimeError, match="expected square matrices"):
+            op(m)
+    with pytest.raises(RuntimeError, match="expected float32 or float64"):
+        ops._inv_sqrt_spd_default(torch.zeros(2, 3, 3, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="b must have 3 rows"):
+        ops._solve_default(torch.eye(3, dtype=torch.float64), torch.zeros(4, 1, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -127,6 +155,6 @@ def test_cpu_solve_is_right_after_threads_were_raised():
         x, info = smallmat.solve(a, b)
     finally:
         torch.set_num_threads(old)
-    assert smallmat.implementation("solve", "cpu", 256) == "native"
+    assert _native.has_op("solve", "cpu")
     assert (info == 0).all()
     assert float((a @ x - b).norm() / b.norm()) < 1e-12

@@ -1,5 +1,6 @@
-// CUDA registrations of the batched small-matrix ops (schemas in module.cpp, kernels in
-// smallmat_cuda.cu). Built into stiefel_kernels._C only with a CUDA build of torch.
+// CUDA kernels of the batched small-matrix ops (schemas and default kernels in
+// stiefel_kernels/ops.py, launchers in smallmat_cuda.cu), registered by register_cuda_kernels().
+// Built into stiefel_kernels._C only with a CUDA build of torch.
 //
 // Written against torch's device-generic headers alone (no c10/cuda, no CUDA headers): the
 // stream comes through the device guard interface as a native handle. So this file also compiles
@@ -16,6 +17,8 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
+
+#include <memory>
 
 #include "cuda/smallmat_cuda.h"
 #include "smallmat.h"
@@ -119,8 +122,30 @@ std::tuple<at::Tensor, at::Tensor> solve_cuda(const at::Tensor& a_in, const at::
 
 }  // namespace stiefel_kernels
 
-TORCH_LIBRARY_IMPL(stiefel_kernels, CUDA, m) {
-  m.impl("inv_sqrt_spd", &stiefel_kernels::inv_sqrt_spd_cuda);
-  m.impl("cholesky_upper_inverse", &stiefel_kernels::cholesky_upper_inverse_cuda);
-  m.impl("solve", &stiefel_kernels::solve_cuda);
+namespace stiefel_kernels {
+
+// On request, not at load (TORCH_LIBRARY_IMPL would be): the CUDA kernels override the default
+// torch.linalg kernels only once a user (or the GPU checks) asks, until a GPU has measured them.
+// Idempotent; unregister_cuda_kernels() takes them back (the tests of the native ops enable them
+// for their own duration only).
+namespace {
+std::unique_ptr<torch::Library>& cuda_library() {
+  static std::unique_ptr<torch::Library> lib;
+  return lib;
 }
+}  // namespace
+
+void register_cuda_kernels() {
+  auto& lib = cuda_library();
+  if (lib) return;
+  lib = std::make_unique<torch::Library>(torch::Library::IMPL, "stiefel_kernels",
+                                         c10::DispatchKey::CUDA, __FILE__, __LINE__);
+  lib->impl("inv_sqrt_spd", &inv_sqrt_spd_cuda);
+  lib->impl("cholesky_upper_inverse", &cholesky_upper_inverse_cuda);
+  lib->impl("solve", &solve_cuda);
+}
+
+// Destroying the library object removes its registrations: the defaults run again on CUDA.
+void unregister_cuda_kernels() { cuda_library().reset(); }
+
+}  // namespace stiefel_kernels
