@@ -1,6 +1,6 @@
 """Time ``optimizer.step()`` alone: StiefelAdamW (reference / torch / triton) against fused AdamW.
 
-Cases (DESIGN.md; Stiefel factor ``A = r x in_features`` (wide, orthonormal rows), ``B = out x r``
+Cases (Stiefel factor ``A = r x in_features`` (wide, orthonormal rows), ``B = out x r``
 Euclidean):
 
 * ``lora7b_r16`` / ``lora7b_r64``: LoRA on a 32-layer 7B-style model; per layer q, k, v, o
@@ -13,8 +13,9 @@ For each case: ``torch.optim.AdamW(fused=True)`` on the same parameters, and
 Gradients are fixed; each step is timed alone (CUDA events around ``step()``, warm-up excluded,
 median of ``--runs``). For the triton backend the Stiefel part is also timed by itself (the
 backend's ``step``, and its pass 1 / pass 2 kernels) and its bandwidth is reported against the
-floor of DESIGN.md: 10 words per element (pass 1 reads p, g, m, v and writes m, v; pass 2 reads
-p, m, v and writes p), next to a device-to-device copy bandwidth measured in the same run.
+floor of docs/design.md ("Memory traffic"): 10 words per element (pass 1 reads p, g, m, v and
+writes m, v; pass 2 reads p, m, v and writes p), next to a device-to-device copy bandwidth
+measured in the same run.
 
 Usage (needs CUDA)::
 

@@ -1,5 +1,5 @@
 """Data-parallel training with Stiefel factors: DDP as is, FSDP2 with factors sharded along
-their long side (DESIGN.md, "Sharding").
+their long side (docs/design.md, "Sharding").
 
 * DDP needs nothing: parameters are plain tensors, gradients arrive averaged, every rank takes
   the same step.

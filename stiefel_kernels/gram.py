@@ -1,4 +1,4 @@
-"""The Gram/coefficient form of every retraction (DESIGN.md, "The fast path").
+"""The Gram/coefficient form of every retraction (docs/design.md, "The fast path").
 
 For ``X`` (``(..., n, r)``, column form) and a direction ``D`` of the same shape, every
 retraction of ``Z = X + xi``, ``xi = -lr P_X(D)``, lands in ``span(X, D)``:
@@ -12,7 +12,8 @@ and ``C, E`` depend only on ``lr`` and the three Gram matrices
 So a step is: :func:`gram_pass` (one streaming pass), :func:`retraction_coefficients`
 (``r x r`` math, batched over all factors, no host sync), :func:`apply_coefficients` (one more
 streaming pass). Each coefficient form reproduces its full-matrix definition in
-:mod:`stiefel_kernels.geometry` to rounding; ``tests/test_gram.py`` checks that in float64.
+:mod:`stiefel_kernels.geometry` to rounding; ``tests/test_geometry.py``
+(``test_gram_form_equals_full_matrix_form``) checks that in float64.
 
 Derivations (``sym(M) = (M + M^T)/2``):
 

@@ -1,4 +1,4 @@
-"""Triton kernel of the small step (DESIGN.md, "The fast path", step 2) for the matmul-only
+"""Triton kernel of the small step (docs/design.md, "The fast path", step 2) for the matmul-only
 retractions: ``cayley_fp`` and ``newton_schulz``, each followed by the orthonormality correction.
 
 One program per factor (grid ``(F,)``) reads that factor's reduced Gram matrices ``K, G, H``

@@ -1,4 +1,4 @@
-"""Triton kernels of the Stiefel-AdamW fast path (DESIGN.md, "The fast path").
+"""Triton kernels of the Stiefel-AdamW fast path (docs/design.md, "The fast path").
 
 Two streaming kernels per bucket of same-shape factors; every factor is addressed through an
 int64 array of ``data_ptr()`` values (no stacking copies). In column form a factor is
