@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from . import smallmat
+from ._buckets import working_dtype
 from .geometry import newton_schulz_scale, sym
 
 __all__ = [
@@ -99,7 +100,7 @@ def gram_pass(x: Tensor, d: Tensor, dtype: torch.dtype | None = None) -> tuple[T
     tensors of ``dtype``.
     """
     if dtype is None:
-        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        dtype = working_dtype(x)
     x = x.to(dtype)
     d = d.to(dtype)
     n = x.shape[-2]

@@ -198,7 +198,7 @@ def test_many_layers_float32_orthonormal_scheduler_state_dict(gen):
     assert float(orthogonality_error(mods[0].U)) > 1e-4
 
 
-def test_make_stella_optimizer_reads_hidden_size_of_package_gpt():
+def test_make_stella_optimizer_reads_hidden_size_of_recipe_gpt():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, d_model=16))
     inject_stella(model, ["fc", "proj"], r=2)
