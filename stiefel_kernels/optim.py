@@ -156,11 +156,18 @@ class StiefelAdamW(Optimizer):
         self._resolved_backends: dict[tuple, str] = {}
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["retraction_failures"] = self._retraction_failures  # telemetry survives a copy
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        failures = state.pop("retraction_failures", None)
         super().__setstate__(state)
         # torch.optim pickles only defaults/state/param_groups: restore the caches
         self.__dict__.setdefault("_resolved_backends", {})
-        self.__dict__.setdefault("_retraction_failures", None)
+        self._retraction_failures = failures
 
     # ------------------------------------------------------------------ validation
     @staticmethod

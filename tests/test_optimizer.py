@@ -654,3 +654,15 @@ def test_nonfinite_gradient_propagates_like_torch_adamw(gen):
     opt.step()
     assert torch.isnan(a).all()
     assert torch.isfinite(c).all()  # a bucket-mate is not contaminated
+
+
+def test_copies_keep_the_retraction_failure_count(gen):
+    """``retraction_failures`` is optimizer state too: pickle and deepcopy keep it."""
+    import copy
+    import pickle
+
+    opt = _trained_opt(gen, "torch", False)
+    opt._retraction_failures = torch.tensor(3, dtype=torch.int32)  # as a failed step leaves it
+    for clone in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
+        assert clone.retraction_failures == 3
+        assert_same_optimizer(opt, clone)
