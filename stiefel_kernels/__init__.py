@@ -22,7 +22,7 @@ from .geometry import (
 from .gram import RETRACTIONS, apply_coefficients, gram_pass, retraction_coefficients
 from .optim import StiefelAdamW
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "StiefelAdamW",
