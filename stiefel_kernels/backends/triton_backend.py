@@ -112,6 +112,17 @@ def _target_programs(device: torch.device) -> int:
 MAX_CHUNK_ROWS = gram.GRAM_CHUNK_ROWS
 
 
+#: ``(BLOCK_N, num_warps, num_stages)`` of both passes per ``R_PAD``. Compiled ahead of time for
+#: sm_90 (Triton 3.9, ptxas 13.0, fp32 and bf16 parameters, with and without AMSGrad), these are
+#: configurations without register spills whose shared memory stays far below the 227 KB
+#: (232,448 B) a block may use on H100/H200. Triton's default ``num_stages=3`` with the former
+#: tiles spilled 1.6-40 KB per thread at every ``R_PAD``, and pass 2 at ``R_PAD = 128`` needed
+#: 240 KB of shared memory, so its launch failed. ``R_PAD = 128`` has no spill-free
+#: configuration (pass 1 spills ~0.5 KB per thread at (16, 8, 1); pass 2 none, 144 KB shared).
+#: Not yet timed on a GPU: ``bench/bench_step.py`` is the check.
+TILES = {16: (128, 4, 1), 32: (32, 8, 2), 64: (16, 8, 2), 128: (16, 8, 1)}
+
+
 def launch_config(n: int, r: int, num_factors: int, device: torch.device,
                   num_chunks: int | None = None, block_n: int | None = None) -> dict:
     """Tile sizes and the split of the long dimension ``n`` into chunks (one program each).
@@ -122,8 +133,9 @@ def launch_config(n: int, r: int, num_factors: int, device: torch.device,
     chunks are added in float64, as in :func:`stiefel_kernels.gram.gram_pass`).
     ``num_chunks`` / ``block_n`` override (tests)."""
     r_pad = max(16, _next_pow2(r))
+    tile_n, num_warps, num_stages = TILES[r_pad]
     if block_n is None:
-        block_n = min(128, max(32, 4096 // r_pad))
+        block_n = tile_n
     if num_chunks is None:
         min_rows = max(block_n, 16 * r_pad)
         max_chunks = max(1, math.ceil(n / min_rows))
@@ -133,7 +145,7 @@ def launch_config(n: int, r: int, num_factors: int, device: torch.device,
     rows = math.ceil(math.ceil(n / num_chunks) / block_n) * block_n
     num_chunks = math.ceil(n / rows)
     return dict(R_PAD=r_pad, BLOCK_N=block_n, rows_per_chunk=rows, num_chunks=num_chunks,
-                num_warps=4 if r_pad <= 32 else 8)
+                num_warps=num_warps, num_stages=num_stages)
 
 
 # ----------------------------------------------------------------------------- pointer arrays
@@ -196,7 +208,8 @@ def pass1(ptrs: Tensor, shape, p_dtype: torch.dtype, g_dtype: torch.dtype, bc: T
         1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, hp.eps,
         P_DT=_PARAM_DTYPES[p_dtype], G_DT=_GRAD_DTYPES[g_dtype], S_DT=tl.float32,
         AMSGRAD=hp.amsgrad, MAXIMIZE=hp.maximize,
-        R_PAD=r_pad, BLOCK_N=cfg["BLOCK_N"], DOT_PREC=DOT_PRECISION, num_warps=cfg["num_warps"])
+        R_PAD=r_pad, BLOCK_N=cfg["BLOCK_N"], DOT_PREC=DOT_PRECISION, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     # fixed order, no atomics; float64 so the error does not grow with the number of chunks
     grams = partials[:, 0] if chunks == 1 else partials.sum(dim=1, dtype=torch.float64).float()
     return grams[..., :r, :r]
@@ -272,7 +285,7 @@ def pass2(ptrs: Tensor, shape, p_dtype: torch.dtype, bc: Tensor, coef: Tensor,
         num_factors, n, r, s_n, s_r, cfg["rows_per_chunk"], hp.eps,
         P_DT=_PARAM_DTYPES[p_dtype], S_DT=tl.float32, AMSGRAD=hp.amsgrad,
         R_PAD=cfg["R_PAD"], BLOCK_N=cfg["BLOCK_N"], DOT_PREC=DOT_PRECISION,
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def _runs(params: list[Tensor], grads: list[Tensor]) -> list[tuple[int, int]]:
