@@ -18,10 +18,10 @@ rm -rf "$work/venv" "$work/dist" "$work/src"
 # shellcheck disable=SC1091
 source "$work/venv/bin/activate"
 python -m pip install -q --upgrade pip
-# torch first, then the build requirements (as the README's install command), then build the sdist
-# and install it against that torch.
+# torch first, then the build requirements (those of the README's install command, and `build`),
+# then build the sdist and install it against that torch.
 python -m pip install -q "$torch_req"
-python -m pip install -q pybind11 cmake ninja setuptools wheel build
+python -m pip install -q ninja setuptools wheel build
 # Built from a copy of the tree's files (tracked, and untracked but not ignored), as a fresh clone
 # has them: a stale stiefel_kernels.egg-info/SOURCES.txt in the checkout would add its files to
 # the sdist and hide a missing MANIFEST.in rule.

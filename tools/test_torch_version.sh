@@ -80,7 +80,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 meta = tomllib.load(open("pyproject.toml", "rb"))
-req = list(meta["build-system"]["requires"]) + ["pybind11"]
+req = list(meta["build-system"]["requires"])
 groups = meta["project"].get("optional-dependencies", {})
 for extra in filter(None, sys.argv[1].split(",")):
     req += groups[extra]
