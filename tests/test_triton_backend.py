@@ -304,7 +304,7 @@ def test_step_under_torch_compile(gen):
     assert _rel(ps[0], qs[0]) < 1e-5
 
 
-_AOT_TILES_SCRIPT = r"""
+_AOT_SCRIPT = r"""
 import torch
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -327,13 +327,17 @@ def comp(kern, const, cfg):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
 
+# (parameter dtype, gradient dtype, amsgrad, maximize, extra specialization): a tall fp32 factor,
+# and a wide bf16 one (stride_n = 1) with fp32 gradients, AMSGrad and maximize
+VARIANTS = ((tl.float32, tl.float32, False, False, {}),
+            (tl.bfloat16, tl.float32, True, True, {"stride_n": 1}))
 for r in (16, 32, 64, 128):
     cfg = launch_config(4096, r, 8, torch.device("cpu"))
     assert cfg["R_PAD"] in TILES
-    for p_dt, ams in ((tl.float32, False), (tl.bfloat16, True)):
+    for p_dt, g_dt, ams, maximize, extra in VARIANTS:
         c = {"P_DT": p_dt, "S_DT": tl.float32, "AMSGRAD": ams, "R_PAD": cfg["R_PAD"],
-             "BLOCK_N": cfg["BLOCK_N"], "DOT_PREC": "ieee"}
-        for kern, const in ((stiefel_pass1_kernel, {**c, "G_DT": p_dt, "MAXIMIZE": False}),
+             "BLOCK_N": cfg["BLOCK_N"], "DOT_PREC": "ieee", **extra}
+        for kern, const in ((stiefel_pass1_kernel, {**c, "G_DT": g_dt, "MAXIMIZE": maximize}),
                             (stiefel_pass2_kernel, c)):
             shared = comp(kern, const, cfg).metadata.shared
             assert shared <= H100_MAX_SHARED // 1.5, (r, kern.__name__, shared)
@@ -342,41 +346,10 @@ print("compiled")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests launch the kernels")
-def test_every_launch_config_fits_sm90_shared_memory():
-    """Every (R_PAD, BLOCK_N, num_warps, num_stages) that launch_config returns compiles for sm_90
-    with shared memory well under the per-block limit (the default num_stages=3 at R_PAD = 128
-    needed 240 KB: the launch failed)."""
-    compile_for_gpu_without_one(_AOT_TILES_SCRIPT)
-
-
-_AOT_SCRIPT = r"""
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from stiefel_kernels.kernels.stiefel_adamw_triton import stiefel_pass1_kernel, stiefel_pass2_kernel
-
-def comp(kern, const):
-    names = list(kern.arg_names)
-    sig = {}
-    for nm in names:
-        if nm in const: sig[nm] = "constexpr"
-        elif nm == "ptrs": sig[nm] = "*i64"
-        elif nm.endswith("_ptr"): sig[nm] = "*fp32"
-        elif nm in ("beta1_c", "beta2", "beta2_c", "eps"): sig[nm] = "fp32"
-        else: sig[nm] = "i32"
-    src = ASTSource(kern, sig, {(names.index(k),): v for k, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-
-c = {"P_DT": tl.bfloat16, "S_DT": tl.float32, "AMSGRAD": True, "R_PAD": 16, "BLOCK_N": 128,
-     "DOT_PREC": "ieee", "stride_n": 1}
-comp(stiefel_pass1_kernel, {**c, "G_DT": tl.float32, "MAXIMIZE": True})
-comp(stiefel_pass2_kernel, c)
-print("compiled")
-"""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile the kernels")
-def test_kernels_compile_for_sm90():
-    """Without a GPU, compile both kernels for sm_90 (PTX and cubin through triton's bundled
-    ptxas), so a GPU-only compile error is caught on CPU CI."""
+def test_kernels_compile_for_sm90_within_shared_memory():
+    """Without a GPU, compile both passes for sm_90 (PTX and cubin through triton's bundled
+    ptxas) with every (R_PAD, BLOCK_N, num_warps, num_stages) that launch_config returns, so a
+    GPU-only compile error is caught on CPU CI, and check their shared memory stays well under
+    the per-block limit (the default num_stages=3 at R_PAD = 128 needed 240 KB: the launch
+    failed)."""
     compile_for_gpu_without_one(_AOT_SCRIPT)
