@@ -221,10 +221,10 @@ class StiefelAdamW(Optimizer):
         if group["fused"]:
             return
         beta_tensor = any(isinstance(b, Tensor) for b in group["betas"])
-        lr_tensor = isinstance(group["lr"], Tensor)
-        on_cuda = any(p.device.type == "cuda" for p in group["params"])
-        if (group["foreach"] and (lr_tensor or beta_tensor)) or (
-                group["foreach"] is None and beta_tensor and on_cuda):
+        if not (beta_tensor or isinstance(group["lr"], Tensor)):
+            return  # the usual case: no per-parameter look below, on every step
+        if group["foreach"] or (group["foreach"] is None and beta_tensor
+                                and any(p.device.type == "cuda" for p in group["params"])):
             raise ValueError(f"{where}: a tensor lr or betas needs fused=True or foreach=False in a "
                              "Euclidean group (torch's foreach AdamW takes them only when capturable)")
 
