@@ -154,11 +154,27 @@ def floor_bytes(case: Case, dtype=torch.float32) -> dict:
 
 
 # ----------------------------------------------------------------------------- one case
-def make_optimizer(kind: str, a, b, retraction: str):
+def make_optimizer(kind: str, a, b, retraction: str, euclid: str = "fused"):
+    """``euclid``: how StiefelAdamW steps the Euclidean group (``fused`` compares like with like
+    against fused AdamW; ``default`` is what torch picks, foreach on CUDA)."""
     if kind == "adamw_fused":
         return torch.optim.AdamW(a + b, lr=1e-3, fused=True)
-    return stiefel_kernels.StiefelAdamW([{"params": a, "stiefel": True}, {"params": b}], lr=1e-3,
-                                        backend=kind, retraction=retraction)
+    extra = {"fused": True} if euclid == "fused" else {"foreach": True} if euclid == "foreach" else {}
+    return stiefel_kernels.StiefelAdamW([{"params": a, "stiefel": True}, {"params": b, **extra}],
+                                        lr=1e-3, backend=kind, retraction=retraction)
+
+
+def host_ms(opt, device, runs: int) -> float:
+    """Median host time of ``opt.step()`` alone: the device is idle before each call and the
+    clock stops when ``step`` returns, so this is the enqueue cost a training loop pays."""
+    times = []
+    for _ in range(runs):
+        _sync(device)
+        t0 = time.perf_counter()
+        opt.step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    _sync(device)
+    return statistics.median(times)
 
 
 def bench_triton_passes(a, device, retraction: str, runs: int, warmup: int) -> dict:
@@ -198,7 +214,7 @@ def bench_triton_passes(a, device, retraction: str, runs: int, warmup: int) -> d
 
 
 def run_case(name: str, backends, device, runs: int, warmup: int, retraction: str, tiny: bool,
-             copy_gbs: float | None) -> dict:
+             copy_gbs: float | None, euclid: str = "fused") -> dict:
     case = make_case(name, tiny)
     fb = floor_bytes(case)
     res = {"case": name, "note": case.note, "stiefel_elements": _elements(case.stiefel_shapes),
@@ -207,9 +223,10 @@ def run_case(name: str, backends, device, runs: int, warmup: int, retraction: st
         if kind == "adamw_fused" and torch.device(device).type != "cuda":
             continue  # fused AdamW is CUDA-only in practice
         a, b = make_params(case, device)
-        opt = make_optimizer(kind, a, b, retraction)
+        opt = make_optimizer(kind, a, b, retraction, euclid)
         n_runs = max(3, runs // 10) if kind == "reference" else runs
         t = time_fn(opt.step, device, n_runs, warmup)
+        t["host_ms"] = host_ms(opt, device, n_runs)
         res["steps"][kind] = t
         del opt, a, b
     base = res["steps"].get("adamw_fused", {}).get("median_ms")
@@ -244,15 +261,18 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# optimizer.step() on {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; "
-             f"retraction {report['retraction']}, median of {report['runs']} runs"
+             f"retraction {report['retraction']}, Euclidean group {report.get('euclid', 'fused')}, "
+             f"median of {report['runs']} runs"
              + (", TINY shapes (not a measurement)" if report["tiny"] else ""), "",
              f"device-to-device copy: {report['copy_GBps']:.0f} GB/s" if report["copy_GBps"] else "", ""]
     for res in report["cases"]:
         lines += [f"## {res['case']}", "", res["note"], "",
-                  "| optimizer | ms/step | x fused AdamW | GB/s at the floor |", "| --- | --- | --- | --- |"]
+                  "| optimizer | ms/step | x fused AdamW | GB/s at the floor | host ms (enqueue) |",
+                  "| --- | --- | --- | --- | --- |"]
         for kind, t in res["steps"].items():
             ratio = f"{t['ratio_to_adamw_fused']:.2f}" if t["ratio_to_adamw_fused"] else "-"
-            lines.append(f"| {kind} | {t['median_ms']:.3f} | {ratio} | {t['floor_GBps']:.1f} |")
+            host = f"{t['host_ms']:.3f}" if "host_ms" in t else "-"
+            lines.append(f"| {kind} | {t['median_ms']:.3f} | {ratio} | {t['floor_GBps']:.1f} | {host} |")
         tp = res.get("triton_passes")
         if tp:
             frac = (lambda k: f" ({tp[k + '_fraction_of_copy_bw']:.0%} of copy)"
@@ -272,6 +292,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--retraction", default="cayley_fp")
+    ap.add_argument("--euclid", default="fused", choices=("fused", "foreach", "default"),
+                    help="how StiefelAdamW steps the Euclidean (B) group")
     ap.add_argument("--tiny", action="store_true", help="small shapes; allows CPU (interpreter)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for the .json/.md result")
     ap.add_argument("--no-save", action="store_true")
@@ -288,10 +310,10 @@ def main(argv=None) -> int:
         return 2
     copy_gbs = copy_bandwidth(device) if device == "cuda" else None
     report = {"environment": environment(device), "retraction": args.retraction, "runs": args.runs,
-              "tiny": args.tiny, "copy_GBps": copy_gbs, "cases": []}
+              "tiny": args.tiny, "euclid": args.euclid if device == "cuda" else "default", "copy_GBps": copy_gbs, "cases": []}
     for name in args.cases:
         res = run_case(name, args.backends, device, args.runs, args.warmup, args.retraction,
-                       args.tiny, copy_gbs)
+                       args.tiny, copy_gbs, report["euclid"])
         report["cases"].append(res)
         print(markdown({**report, "cases": [res]}), flush=True)
     if not args.no_save:
