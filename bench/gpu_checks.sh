@@ -26,6 +26,17 @@ out=${1:?usage: bash bench/gpu_checks.sh OUT_DIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
+# `python` must be the interpreter that has torch (on the lent machines python3 of /opt/torch/.venv;
+# a symlink to a venv's python loses the venv, hence a wrapper)
+if ! python -c "import torch" 2>/dev/null; then
+  for cand in python3 /opt/torch/.venv/bin/python3; do
+    if command -v "$cand" >/dev/null && "$cand" -c "import torch" 2>/dev/null; then
+      mkdir -p /tmp/gpu_checks_bin
+      printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v "$cand")" > /tmp/gpu_checks_bin/python
+      chmod +x /tmp/gpu_checks_bin/python; export PATH="/tmp/gpu_checks_bin:$PATH"; break
+    fi
+  done
+fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 t0=$SECONDS
