@@ -484,7 +484,9 @@ def fresh_triton_load(monkeypatch):
     """The next load of the triton backend imports triton_backend afresh (the registry, the
     module cache and the package attribute are restored afterwards)."""
     monkeypatch.delitem(backends._REGISTRY, "triton", raising=False)
-    monkeypatch.delitem(sys.modules, "stiefel_kernels.backends.triton_backend", raising=False)
+    for mod in [m for m in sys.modules if m.startswith(("stiefel_kernels.backends.triton_backend",
+                                                         "stiefel_kernels.kernels"))]:
+        monkeypatch.delitem(sys.modules, mod)
     monkeypatch.delattr(backends, "triton_backend", raising=False)
     monkeypatch.setattr(backends, "_TRITON_LOAD_WARNED", set())
     return monkeypatch

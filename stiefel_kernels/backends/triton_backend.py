@@ -46,6 +46,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+import triton  # noqa: F401  (first: a missing triton is reported by name, whatever is cached)
+
 from .. import _buckets
 from ..kernels import launch
 from ..kernels.launch import (  # noqa: F401  (re-exported: tests and benchmarks reach them here)
