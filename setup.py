@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 SKIP_NATIVE = os.environ.get("STIEFEL_KERNELS_SKIP_NATIVE", "") == "1"
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"  # the compile check's CMAKE_CUDA_ARCHITECTURES "80;90"
 
-CPU_SOURCES = ["csrc/module.cpp", "csrc/op_checks.cpp", "csrc/ops_cpu.cpp"]
+CPU_SOURCES = ["csrc/module.cpp", "csrc/op_checks.cpp", "csrc/ops_cpu.cpp", "csrc/fused_step_cpu.cpp"]
 
 
 def _log(msg: str) -> None:
@@ -156,8 +156,9 @@ def _native_build():
         cxx = ["/std:c++20", "/O2", "/DNDEBUG", "/openmp"]
         link = []
     else:
+        # -fno-math-errno (as torch's own build): lets std::sqrt vectorize (fused_step_cpu.cpp)
         cxx = ["-std=c++20", "-O3", "-DNDEBUG", "-fopenmp", "-Wall", "-Wno-unused-parameter",
-               "-fvisibility=hidden"]
+               "-fvisibility=hidden", "-fno-math-errno"]
         link = ["-fopenmp"]
     nvcc = ["-std=c++20", "-O3", "-DNDEBUG"]
     kwargs = dict(

@@ -145,3 +145,140 @@ def _register() -> torch.library.Library | None:
 
 
 _LIB = _register()
+
+
+# ============================================================================= fused step passes
+# The two streaming passes of a Stiefel-AdamW step over a bucket of same-shape factors
+# (docs/design.md, "The fast path"); CPU kernels in csrc/fused_step_cpu.cpp, the Python entry
+# points in stiefel_kernels/cpu_fused.py (which documents the arguments). The default kernel
+# below is the pure-torch formulation of the torch backend (any device; also the tests'
+# reference), the fake kernels give the output shape.
+#
+# * ``stiefel_adamw_pass1(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc, beta1,
+#   beta2, eps, amsgrad, maximize, row_orthonormal) -> grams``: moments in place, ``D``, and
+#   ``grams`` of shape ``(P, *batch, 3, r, r)`` (``K, G, H`` along dim -3) in the working dtype.
+# * ``stiefel_adamw_pass2(params, exp_avgs, exp_avg_sqs, bc, c, e, eps, row_orthonormal)``:
+#   ``X <- X + (X (C - I) + D E)`` in place (``c`` is ``C``, not ``C - I``; ``exp_avg_sqs`` is
+#   the ``max_exp_avg_sqs`` list with AMSGrad).
+
+#: the fused-pass operators, ``torch.ops.stiefel_kernels.<name>`` (kept apart from :data:`OPS`,
+#: the small-matrix ops)
+FUSED_OPS = ("stiefel_adamw_pass1", "stiefel_adamw_pass2")
+_FUSED_SCHEMAS = {
+    "stiefel_adamw_pass1": (
+        "stiefel_adamw_pass1(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, "
+        "Tensor(b!)[] exp_avg_sqs, Tensor(c!)[] max_exp_avg_sqs, Tensor bc, float beta1, "
+        "float beta2, float eps, bool amsgrad, bool maximize, bool row_orthonormal) -> Tensor"),
+    "stiefel_adamw_pass2": (
+        "stiefel_adamw_pass2(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+        "Tensor bc, Tensor c, Tensor e, float eps, bool row_orthonormal) -> ()"),
+}
+
+
+def _fused_working_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fused_shape(params, row_orthonormal: bool, op: str) -> tuple[tuple[int, ...], int]:
+    """(batch shape, r) of a bucket; checks that every factor has params[0]'s shape."""
+    p0 = params[0]
+    torch._check(p0.dim() >= 2, lambda: f"stiefel_kernels::{op}: a Stiefel factor needs at "
+                 f"least 2 dims, got shape {tuple(p0.shape)}")
+    for p in params:
+        torch._check(p.shape == p0.shape, lambda: f"stiefel_kernels::{op}: every tensor must "
+                     f"have the shape {tuple(p0.shape)} of params[0], got {tuple(p.shape)}")
+    r = p0.shape[-2] if row_orthonormal else p0.shape[-1]
+    return tuple(p0.shape[:-2]), r
+
+
+def _fused_direction(m: Tensor, v: Tensor, bc1: Tensor, bc2: Tensor, eps: float) -> Tensor:
+    return (m / bc1) / (v.sqrt() / bc2 + eps)
+
+
+def _fused_bc(bc: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-tensor bias corrections as ``(P, 1, ..., 1)`` tensors of ``like``'s dtype."""
+    shape = (-1, *([1] * (like.dim() - 1)))
+    bc = bc.to(dtype=like.dtype, device=like.device)
+    return bc[0].view(shape), bc[1].view(shape)
+
+
+def _stiefel_adamw_pass1_default(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc,
+                                 beta1, beta2, eps, amsgrad, maximize, row_orthonormal):
+    from .gram import gram_pass  # noqa: PLC0415  (gram imports smallmat, which imports this module)
+
+    if len(params) == 0:
+        return bc.new_empty((0, 3, 0, 0), dtype=torch.float32)
+    batch, r = _fused_shape(params, row_orthonormal, "stiefel_adamw_pass1")
+    work = _fused_working_dtype(params[0].dtype)
+    gs = [g.to(work) for g in grads]
+    if maximize:
+        gs = torch._foreach_neg(gs)
+    torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, gs, gs, 1 - beta2)
+    vs = exp_avg_sqs
+    if amsgrad:
+        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+        vs = max_exp_avg_sqs
+    m = torch.stack(list(exp_avgs))
+    bc1, bc2 = _fused_bc(bc, m)
+    d = _fused_direction(m, torch.stack(list(vs)), bc1, bc2, eps)
+    x = torch.stack(list(params)).to(work)
+    if row_orthonormal:
+        x, d = x.mT, d.mT
+    k, g, h = gram_pass(x, d, work)
+    return torch.stack([k, g, h], dim=-3)
+
+
+def _stiefel_adamw_pass2_default(params, exp_avgs, exp_avg_sqs, bc, c, e, eps, row_orthonormal):
+    if len(params) == 0:
+        return
+    batch, r = _fused_shape(params, row_orthonormal, "stiefel_adamw_pass2")
+    work = _fused_working_dtype(params[0].dtype)
+    m = torch.stack(list(exp_avgs))
+    bc1, bc2 = _fused_bc(bc, m)
+    d = _fused_direction(m, torch.stack(list(exp_avg_sqs)), bc1, bc2, eps)
+    x = torch.stack(list(params)).to(work)
+    if row_orthonormal:
+        x, d = x.mT, d.mT
+    shape = (len(params), *batch, r, r)
+    eye = torch.eye(r, dtype=c.dtype, device=c.device)
+    cm = (c.reshape(shape) - eye).to(work)
+    y = x + (x @ cm + d @ e.reshape(shape).to(work))
+    if row_orthonormal:
+        y = y.mT
+    torch._foreach_copy_(list(params), list(y.to(params[0].dtype).unbind(0)))
+
+
+def _stiefel_adamw_pass1_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc,
+                              beta1, beta2, eps, amsgrad, maximize, row_orthonormal):
+    if len(params) == 0:
+        return bc.new_empty((0, 3, 0, 0), dtype=torch.float32)
+    batch, r = _fused_shape(params, row_orthonormal, "stiefel_adamw_pass1")
+    return params[0].new_empty((len(params), *batch, 3, r, r),
+                               dtype=_fused_working_dtype(params[0].dtype))
+
+
+def _stiefel_adamw_pass2_fake(params, exp_avgs, exp_avg_sqs, bc, c, e, eps, row_orthonormal):
+    return None
+
+
+_FUSED_DEFAULTS = {"stiefel_adamw_pass1": _stiefel_adamw_pass1_default,
+                   "stiefel_adamw_pass2": _stiefel_adamw_pass2_default}
+_FUSED_FAKES = {"stiefel_adamw_pass1": _stiefel_adamw_pass1_fake,
+                "stiefel_adamw_pass2": _stiefel_adamw_pass2_fake}
+
+
+def _register_fused() -> torch.library.Library | None:
+    """Schemas, default and fake kernels of :data:`FUSED_OPS`, once per process."""
+    if hasattr(torch.ops.stiefel_kernels, FUSED_OPS[-1]):
+        return None
+    lib = torch.library.Library("stiefel_kernels", "FRAGMENT")
+    for name in FUSED_OPS:
+        lib.define(_FUSED_SCHEMAS[name])
+        lib.impl(name, _FUSED_DEFAULTS[name], "CompositeExplicitAutograd")
+        torch.library.register_fake(f"stiefel_kernels::{name}", _FUSED_FAKES[name], lib=lib)
+    return lib
+
+
+_FUSED_LIB = _register_fused()
