@@ -22,8 +22,9 @@ the moments and the parameter (for a Stiefel factor, the whole factor). Use
 from __future__ import annotations
 
 import math
+import operator
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -42,6 +43,32 @@ _OPTION_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "st
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _REQUIRED_STATE = ("step", "exp_avg", "exp_avg_sq")  # max_exp_avg_sq is created when missing
+
+
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
+_is_sparse = operator.attrgetter("is_sparse")
+
+
+class _Prepared(NamedTuple):
+    """A group's step, as :meth:`StiefelAdamW._check_before_step` found it: the parameters with
+    a gradient, their gradients, their states (``None``: some are created at this step) and,
+    for a Stiefel group, the backend calls ``(backend, state dtype, indices or None for all)``."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    states: list[dict[str, Any]] | None
+    calls: list[tuple[str, torch.dtype, list[int] | None]] | None
+
+
+def _factor_problem_of(kind: type, dtype: torch.dtype, shape: torch.Size) -> str | None:
+    """Metadata checks of a dense Stiefel factor (:meth:`StiefelAdamW._factor_problem`)."""
+    if not issubclass(kind, Tensor) or len(shape) < 2 or 0 in shape:
+        return "shape"
+    if dtype.is_complex or not dtype.is_floating_point:
+        return "dtype"
+    return None
 
 
 def default_ortho_tol(dtype: torch.dtype) -> float:
@@ -288,7 +315,10 @@ class StiefelAdamW(Optimizer):
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         state = self.state[p]
         if len(state) == 0:
-            on_device = group["fused"] and not group["stiefel"]
+            # Stiefel groups keep the counter on the factor's device (their backends compute the
+            # bias corrections there: no host sync, no copy, a capturable step); Euclidean groups
+            # where torch's functional AdamW wants it (on the device only when fused)
+            on_device = group["stiefel"] or group["fused"]
             state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device
                              else torch.tensor(0.0, dtype=torch.float32))
             dtype = self._state_dtype(group, p)
@@ -326,18 +356,25 @@ class StiefelAdamW(Optimizer):
                     "device, cast the state with opt.load_state_dict(opt.state_dict()); "
                     "del opt.state[p] restarts its moments.")
 
-    def _check_before_step(self) -> None:
+    def _check_before_step(self) -> list[_Prepared]:
         """Every check of a step, before any state changes, so an error leaves everything as it was.
+        Returns, per group, the parameters that step with their gradients and states.
 
         Per step: scalars and metadata only (memoized backend resolution); the orthonormality
-        check of a factor's first step is the one host synchronization."""
+        check of a factor's first step is the one host synchronization. A group whose
+        parameters all have state is checked by :meth:`_prepare_fast` (whole tuples of shapes,
+        dtypes, devices compared at once); the loop below, which names the culprit, runs for a
+        group that has a first step or where the fast check finds something off."""
         for gi, group in enumerate(self.param_groups):
             where = f"StiefelAdamW param group {gi}"
             # a Stiefel group's step reads its scalars as floats anyway, so read them here too
             self._validate_options(group, where, sync=bool(group["stiefel"]))
             if not group["stiefel"]:
                 self._check_tensor_options(group, where)
+        prepared = [self._prepare_fast(group) for group in self.param_groups]
         for gi, group in enumerate(self.param_groups):
+            if prepared[gi] is not None:
+                continue
             stiefel = group["stiefel"]
             for j, p in enumerate(group["params"]):
                 grad = p.grad
@@ -374,6 +411,84 @@ class StiefelAdamW(Optimizer):
                         "Call stiefel_kernels.orthonormalize_(p) before the first step (for W = B A "
                         "keep the product: R = orthonormalize_(A); B.data = B @ R.mT), or pass a "
                         "larger ortho_tol.")
+            params = [p for p in group["params"] if p.grad is not None]
+            prepared[gi] = _Prepared(params, [p.grad for p in params], None, self._calls(group, params))
+        return prepared
+
+    def _calls(self, group: dict[str, Any], params: list[Tensor]) -> list[tuple[str, torch.dtype, list[int]]] | None:
+        """A Stiefel group's backend calls: ``(backend, state dtype, indices into params)``, one
+        per (backend, state dtype) so each call has one default drift_tol (a float32 factor
+        steps the same whatever else is in its group). ``None`` for a Euclidean group."""
+        if not group["stiefel"]:
+            return None
+        by_call: dict[tuple[str, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            by_call.setdefault((self._backend_name(group, p), backends.state_dtype(p)), []).append(i)
+        return [(name, dtype, idx) for (name, dtype), idx in by_call.items()]
+
+    def _prepare_fast(self, group: dict[str, Any]) -> _Prepared | None:
+        """The checks of :meth:`_check_before_step` for a group whose parameters all have state,
+        on whole tuples; ``None`` sends the group to the per-parameter checks (a first step,
+        or anything that does not fit: those checks then say what)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return _Prepared([], [], [], [] if group["stiefel"] else None)
+        get = self.state.get
+        states = [get(p) for p in params]
+        if not all(states):
+            return None
+        grads = [p.grad for p in params]
+        try:
+            shapes = tuple(map(_shape, params))
+            devices = tuple(map(_device, params))
+            dtypes = tuple(map(_dtype, params))
+            if (tuple(map(_shape, grads)) != shapes or tuple(map(_device, grads)) != devices
+                    or any(map(_is_sparse, grads))):
+                return None
+            stiefel = group["stiefel"]
+            if stiefel:
+                works = tuple(map(backends.state_dtype, dtypes))
+            else:
+                if tuple(map(_dtype, grads)) != dtypes:
+                    return None
+                works = dtypes
+            keys = _STATE_KEYS if group["amsgrad"] else _STATE_KEYS[:2]
+            if not group["amsgrad"] and any("max_exp_avg_sq" in st for st in states):
+                return None  # checked (it must still fit) by the per-parameter loop
+            for key in keys:
+                ts = [st.get(key) for st in states]
+                if (tuple(map(_shape, ts)) != shapes or tuple(map(_dtype, ts)) != works
+                        or tuple(map(_device, ts)) != devices):
+                    return None
+            steps = [st.get("step") for st in states]
+            if set(map(Tensor.numel, steps)) != {1}:
+                return None
+        except (TypeError, AttributeError):  # a state entry that is not a tensor (or missing)
+            return None
+        if not stiefel:
+            return _Prepared(params, grads, states, None)
+        if any(map(_is_sparse, params)):
+            return None
+        env = os.environ.get(backends.ENV_VAR)
+        calls: dict[tuple[str, torch.dtype], list[int]] = {}
+        kinds = set(zip(map(type, params), devices, dtypes, shapes))
+        names = {}
+        for kind in kinds:
+            if _factor_problem_of(kind[0], kind[2], kind[3]) is not None:
+                return None
+            key = (group["backend"], env) + kind
+            name = self._resolved_backends.get(key)
+            if name is None:
+                return None  # resolved (and memoized) by the per-parameter loop
+            names[kind] = name
+        if len(kinds) == 1:
+            (kind,) = kinds
+            call_list = [(names[kind], backends.state_dtype(kind[2]), None)]
+        else:
+            for i, kind in enumerate(zip(map(type, params), devices, dtypes, shapes)):
+                calls.setdefault((names[kind], backends.state_dtype(kind[2])), []).append(i)
+            call_list = [(name, dtype, idx) for (name, dtype), idx in calls.items()]
+        return _Prepared(params, grads, states, call_list)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -383,31 +498,29 @@ class StiefelAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_before_step()
-        for group in self.param_groups:
+        prepared = self._check_before_step()
+        for group, prep in zip(self.param_groups, prepared):
             if group["stiefel"]:
-                self._step_stiefel(group)
+                self._step_stiefel(group, prep)
             else:
-                self._step_euclidean(group)
+                self._step_euclidean(group, prep)
         return loss
 
-    def _step_euclidean(self, group: dict[str, Any]) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
-        has_complex = False
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            has_complex |= torch.is_complex(p)
-            state = self._init_state(group, p)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            if group["amsgrad"]:
-                max_sqs.append(state["max_exp_avg_sq"])
-            steps.append(state["step"])
+    def _states(self, group: dict[str, Any], prep: _Prepared) -> list[dict[str, Any]]:
+        if prep.states is not None:
+            return prep.states
+        return [self._init_state(group, p) for p in prep.params]
+
+    def _step_euclidean(self, group: dict[str, Any], prep: _Prepared) -> None:
+        params, grads = prep.params, prep.grads
         if not params:
             return
+        states = self._states(group, prep)
+        exp_avgs = [st["exp_avg"] for st in states]
+        exp_avg_sqs = [st["exp_avg_sq"] for st in states]
+        max_sqs = [st["max_exp_avg_sq"] for st in states] if group["amsgrad"] else []
+        steps = [st["step"] for st in states]
+        has_complex = any(map(torch.is_complex, params))
         beta1, beta2 = group["betas"]
         _torch_adam(
             params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
@@ -426,16 +539,18 @@ class StiefelAdamW(Optimizer):
             name = self._resolved_backends[key] = backends.resolve_backend(group["backend"], p).name
         return name
 
-    def _step_stiefel(self, group: dict[str, Any]) -> None:
-        # one backend call per (backend, state dtype): each call has one default drift_tol, the
-        # one of its factors' dtype (a float32 factor steps the same whatever else is in its group)
-        by_call: dict[tuple[str, torch.dtype], list[Tensor]] = {}
-        for p in group["params"]:
-            if p.grad is not None:
-                by_call.setdefault((self._backend_name(group, p), backends.state_dtype(p)), []).append(p)
+    def _step_stiefel(self, group: dict[str, Any], prep: _Prepared) -> None:
+        if not prep.params:
+            return
+        all_states = self._states(group, prep)
         beta1, beta2 = group["betas"]
-        for (name, dtype), params in by_call.items():
-            states = [self._init_state(group, p) for p in params]
+        for name, dtype, idx in prep.calls:
+            if idx is None:
+                params, grads, states = prep.params, prep.grads, all_states
+            else:
+                params = [prep.params[i] for i in idx]
+                grads = [prep.grads[i] for i in idx]
+                states = [all_states[i] for i in idx]
             dtol = group["drift_tol"] if group["drift_tol"] is not None else default_drift_tol(dtype)
             hp = backends.StiefelHyperparams(
                 lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
@@ -443,7 +558,7 @@ class StiefelAdamW(Optimizer):
                 retraction=canonical_retraction(group["retraction"]),
                 cayley_iters=group["cayley_iters"], ns_steps=group["ns_steps"], drift_tol=float(dtol))
             failures = backends.get_backend(name).step(
-                params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                params, grads, [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
                 [s["step"] for s in states], hp)
@@ -535,3 +650,9 @@ class StiefelAdamW(Optimizer):
                 group.setdefault(key, value)
         for p, key, value in keep_fp32:
             self.state[p][key] = value.to(dtype=backends.state_dtype(p), device=p.device, copy=True)
+        for group in self.param_groups:  # Stiefel step counters live on their factor's device
+            if group["stiefel"]:
+                for p in group["params"]:
+                    st = self.state.get(p)
+                    if st and isinstance(st.get("step"), Tensor) and st["step"].device != p.device:
+                        st["step"] = st["step"].to(p.device)

@@ -170,9 +170,34 @@ from .._buckets import working_dtype as state_dtype  # noqa: E402
 
 
 def bias_corrections(state_steps: list[Tensor], beta1: float, beta2: float) -> tuple[list[float], list[float]]:
-    """``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` per factor, from CPU step counters (no device sync)."""
+    """``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` per factor as Python floats (reads every
+    counter: a host sync for counters on a GPU; the reference backend's literal form)."""
     steps = [float(s) for s in state_steps]
     return [1.0 - beta1 ** t for t in steps], [(1.0 - beta2 ** t) ** 0.5 for t in steps]
+
+
+_REPEAT_INDEX: dict = {}
+
+
+def bias_correction_tensor(state_steps: list[Tensor], beta1: float, beta2: float,
+                           device: torch.device, repeats: tuple[int, ...] | None = None,
+                           dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(2, F)`` of ``dtype`` on ``device``: ``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` per factor,
+    computed in float64 (as :func:`bias_corrections` does) from the step counters where they
+    live: no host sync and, for counters on ``device``, no host-to-device copy (a capturable
+    step). ``repeats[i]`` (a stack of matrices) repeats factor ``i``'s column that many times."""
+    t = torch.stack(state_steps).to(device=device, dtype=torch.float64, non_blocking=True)
+    bc = torch.stack((1.0 - torch.pow(beta1, t), torch.sqrt(1.0 - torch.pow(beta2, t)))).to(dtype)
+    if repeats is not None and any(k != 1 for k in repeats):
+        key = (repeats, device)
+        index = _REPEAT_INDEX.get(key)
+        if index is None:
+            if len(_REPEAT_INDEX) > 64:
+                _REPEAT_INDEX.clear()
+            index = _REPEAT_INDEX[key] = torch.repeat_interleave(
+                torch.arange(len(repeats)), torch.tensor(repeats)).to(device)
+        bc = bc[:, index]
+    return bc
 
 
 from . import reference as _reference  # noqa: E402

@@ -9,8 +9,9 @@ device: :mod:`stiefel_kernels._buckets`) of a parameter group:
    retraction, and the orthonormality correction where the retraction needs one);
 4. pass 2: ``Y = X C + D E`` and one ``_foreach_copy_`` back into the parameters.
 
-No host synchronization: bias corrections come from the CPU step counters, factorization
-failures stay on the device as a count.
+No host synchronization: bias corrections are computed on the device from the step counters
+(:func:`~stiefel_kernels.backends.bias_correction_tensor`), factorization failures stay on the
+device as a count.
 """
 from __future__ import annotations
 
@@ -18,19 +19,13 @@ import torch
 from torch import Tensor
 
 from .. import _buckets, distributed, geometry, gram
-from . import FunctionBackend, StiefelHyperparams, bias_corrections, state_dtype
+from . import FunctionBackend, StiefelHyperparams, bias_correction_tensor, state_dtype
 
 name = "torch"
 
 
 def unsupported_reason(param: Tensor) -> str | None:
     return None
-
-
-def _as_batch(values: list[float], like: Tensor) -> Tensor:
-    """Per-factor scalars as a ``(B, 1, ..., 1)`` tensor broadcasting against a stacked bucket."""
-    out = torch.tensor(values, dtype=like.dtype)
-    return out.view(-1, *([1] * (like.dim() - 1))).to(like.device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -64,8 +59,9 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
             vs = maxs
 
         m = torch.stack(ms)
-        bc1, bc2_sqrt = bias_corrections(steps, hp.beta1, hp.beta2)
-        d = (m / _as_batch(bc1, m)) / (torch.stack(vs).sqrt() / _as_batch(bc2_sqrt, m) + hp.eps)
+        bc1, bc2_sqrt = bias_correction_tensor(steps, hp.beta1, hp.beta2, m.device,
+                                               dtype=m.dtype).view(2, -1, *([1] * (m.dim() - 1)))
+        d = (m / bc1) / (torch.stack(vs).sqrt() / bc2_sqrt + hp.eps)
         rows = geometry.is_row_orthonormal(ps[0].shape) if sharding is None else sharding.row_orthonormal
         x = torch.stack(ps).to(work)
         x, d = (x.mT, d.mT) if rows else (x, d)  # column form

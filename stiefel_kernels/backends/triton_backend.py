@@ -40,8 +40,10 @@ triton is imported); that is how the tests cover them without a GPU.
 """
 from __future__ import annotations
 
+import operator
 import os
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,7 +56,7 @@ from ..kernels.launch import (  # noqa: F401  (re-exported: tests and benchmarks
     DOT_PRECISION, GRAD_DTYPES as _GRAD_DTYPES, MAX_CHUNK_ROWS, PARAM_DTYPES as _PARAM_DTYPES,
     SMALL_STEP_MAX_RANK, SMALL_STEP_TRITON, TILES, launch_config, next_pow2 as _next_pow2,
     orientation as _orientation, pass1, pass2, pointer_array, small_step, small_step_launch)
-from . import FunctionBackend, StiefelHyperparams, bias_corrections, state_dtype
+from . import FunctionBackend, StiefelHyperparams, bias_correction_tensor, state_dtype
 
 name = "triton"
 
@@ -95,6 +97,65 @@ def _runs(params: list[Tensor], grads: list[Tensor]) -> list[tuple[int, int]]:
     return _buckets.runs(params, grads)
 
 
+class _Plan:
+    """What every steady-state step of one device group reuses: per bucket its pointer array,
+    launch configuration and pass-1 partials buffer, in bucket order. Built on the first step
+    of a set of tensors (their pointers, shapes and dtypes are the cache key), so a step with an
+    unchanged set of tensors does no per-factor Python work, no host-to-device copy and no
+    allocation proportional to the factors. The buffers are reused step after step; kernels on
+    one stream run in order, so a step's pass 1 never overwrites partials still being read."""
+
+    __slots__ = ("launches", "ranks")
+
+    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad: bool):
+        device = params[0].device
+        self.launches = []  # (ptrs, shape, p dtype, g dtype, cfg, num, r, bc offset, partials)
+        self.ranks: dict[int, int] = {}  # rank -> number of its buckets (small-step batches)
+        offset = 0
+        for start, stop in _runs(params, grads):
+            p0 = params[start]
+            shape = p0.shape
+            num = (stop - start) * (p0.numel() // (shape[-2] * shape[-1]))
+            n, r, _, _ = _orientation(shape)
+            cfg = launch_config(n, r, num, device)
+            ptrs = pointer_array([params[start:stop], grads[start:stop], exp_avgs[start:stop],
+                                  exp_avg_sqs[start:stop],
+                                  max_exp_avg_sqs[start:stop] if amsgrad else None], device)
+            partials = torch.empty((num, cfg["num_chunks"], 3, cfg["R_PAD"], cfg["R_PAD"]),
+                                   dtype=torch.float32, device=device)
+            self.launches.append((ptrs, shape, p0.dtype, grads[start].dtype, cfg, num, r, offset,
+                                  partials))
+            self.ranks[r] = self.ranks.get(r, 0) + 1
+            offset += num
+
+
+_PLANS: OrderedDict = OrderedDict()
+#: plans kept (least recently used dropped): one per device group and optimizer is the usual need
+_PLAN_CACHE_SIZE = 32
+_data_ptr = Tensor.data_ptr
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+
+
+def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad: bool) -> _Plan:
+    """The cached :class:`_Plan` of these tensors. The key holds every pointer, every
+    parameter's shape and dtype and every gradient's dtype, so a plan is reused only for the
+    very same memory laid out the same way (the caller has checked the tensors: contiguous,
+    moments of the parameters' shapes)."""
+    key = (amsgrad, tuple(map(_data_ptr, params)), tuple(map(_data_ptr, grads)),
+           tuple(map(_data_ptr, exp_avgs)), tuple(map(_data_ptr, exp_avg_sqs)),
+           tuple(map(_data_ptr, max_exp_avg_sqs)), tuple(map(_shape, params)),
+           tuple(map(_dtype, params)), tuple(map(_dtype, grads)))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _Plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)
+        if len(_PLANS) > _PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
 def _group_step_impl(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                      exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], bc: Tensor,
                      lr: float, beta1: float, beta2: float, eps: float, maximize: bool,
@@ -102,37 +163,31 @@ def _group_step_impl(params: list[Tensor], grads: list[Tensor], exp_avgs: list[T
                      drift_tol: float) -> Tensor:
     """Pass 1 per bucket, one small step for all buckets of equal rank, pass 2 per bucket.
 
-    ``bc`` is ``(2, F)`` fp32 (``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` per matrix, in order)."""
+    ``bc`` is ``(2, F)`` fp32 on the factors' device (``1 - beta1^t`` and ``sqrt(1 - beta2^t)``
+    per matrix, in order). Returns the number of failed ``r x r`` factorizations (int32, on the
+    device)."""
     hp = StiefelHyperparams(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                             amsgrad=len(max_exp_avg_sqs) > 0, maximize=maximize,
                             retraction=retraction, cayley_iters=cayley_iters, ns_steps=ns_steps,
                             drift_tol=drift_tol)
-    device = params[0].device
-    launches = []  # (ptrs, shape, p dtype, bc slice, cfg, num)
+    plan = _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hp.amsgrad)
     grams_by_rank: dict[int, list[Tensor]] = defaultdict(list)
-    offset = 0
-    for start, stop in _runs(params, grads):
-        p0 = params[start]
-        shape = p0.shape
-        num = (stop - start) * (p0.numel() // (shape[-2] * shape[-1]))
-        n, r, _, _ = _orientation(shape)
-        cfg = launch_config(n, r, num, device)
-        ptrs = pointer_array([params[start:stop], grads[start:stop], exp_avgs[start:stop],
-                              exp_avg_sqs[start:stop],
-                              max_exp_avg_sqs[start:stop] if hp.amsgrad else None], device)
-        bcs = bc[:, offset:offset + num]
-        offset += num
-        grams_by_rank[r].append(pass1(ptrs, shape, p0.dtype, grads[start].dtype, bcs, hp, cfg, num))
-        launches.append((ptrs, shape, p0.dtype, bcs, cfg, num, r, len(grams_by_rank[r]) - 1))
-    coefs, failures = {}, torch.zeros((), dtype=torch.int32, device=device)
+    slots = []
+    for ptrs, shape, p_dtype, g_dtype, cfg, num, r, off, partials in plan.launches:
+        bcs = bc[:, off:off + num]
+        grams_by_rank[r].append(pass1(ptrs, shape, p_dtype, g_dtype, bcs, hp, cfg, num, partials))
+        slots.append(len(grams_by_rank[r]) - 1)
+    coefs, failures = {}, None
     for r, grams in grams_by_rank.items():
         r_pad = max(16, _next_pow2(r))
         coef, count = small_step(grams[0] if len(grams) == 1 else torch.cat(grams), hp, r_pad)
-        coefs[r] = coef.split([g.shape[0] for g in grams])
+        coefs[r] = coef.split([g.shape[0] for g in grams]) if len(grams) > 1 else (coef,)
         if count is not None:
-            failures = failures + count
-    for ptrs, shape, p_dtype, bcs, cfg, num, r, j in launches:
-        pass2(ptrs, shape, p_dtype, bcs, coefs[r][j], hp, cfg, num)
+            failures = count if failures is None else failures + count
+    for (ptrs, shape, p_dtype, _, cfg, num, r, off, _), j in zip(plan.launches, slots):
+        pass2(ptrs, shape, p_dtype, bc[:, off:off + num], coefs[r][j], hp, cfg, num)
+    if failures is None:
+        failures = torch.zeros((), dtype=torch.int32, device=params[0].device)
     return failures
 
 
@@ -165,6 +220,63 @@ except (RuntimeError, ValueError, NotImplementedError) as _exc:
 
 
 # ----------------------------------------------------------------------------- backend step
+_device = operator.attrgetter("device")
+_contiguous = Tensor.is_contiguous
+
+
+class _Layout(NamedTuple):
+    """What a step derives from the factors' shapes, dtypes and devices alone (cached on them):
+    the moments' dtype per factor, and per device the factors' indices in bucket order with
+    the number of matrices of each (a stack ``(..., a, b)`` holds several)."""
+
+    works: tuple[torch.dtype, ...]
+    groups: tuple[tuple[torch.device, tuple[int, ...], tuple[int, ...]], ...]
+    identity: bool  # one device, buckets already in list order: the lists are used as they are
+
+
+_LAYOUTS: OrderedDict = OrderedDict()
+
+
+def _layout(params: list[Tensor], grads: list[Tensor], key: tuple) -> _Layout:
+    layout = _LAYOUTS.get(key)
+    if layout is not None:
+        return layout
+    for i, p in enumerate(params):  # once per layout: the checks only depend on the key
+        reason = unsupported_reason(p)
+        if reason is not None:
+            raise ValueError(f"triton backend: factor {i} ({p.dtype}, shape {tuple(p.shape)}): {reason}")
+    # group by device (one op each), order by bucket so that buckets are contiguous runs
+    by_device: dict[torch.device, list[int]] = {}
+    for bkey, bucket in _buckets.buckets(params, grads).items():
+        by_device.setdefault(bkey.device, []).extend(bucket)
+    groups = tuple((dev, tuple(idx), tuple(params[i].numel() // (params[i].shape[-2] * params[i].shape[-1])
+                                           for i in idx))
+                   for dev, idx in by_device.items())
+    identity = len(groups) == 1 and groups[0][1] == tuple(range(len(params)))
+    layout = _LAYOUTS[key] = _Layout(tuple(state_dtype(p) for p in params), groups, identity)
+    if len(_LAYOUTS) > _PLAN_CACHE_SIZE:
+        _LAYOUTS.popitem(last=False)
+    return layout
+
+
+def _check_states(params: list[Tensor], shapes: tuple, layout: _Layout,
+                  states: list[list[Tensor]]) -> None:
+    """Every moment has its factor's shape, working dtype and device (compared as whole tuples:
+    the loop that names the culprit runs only when something does not fit)."""
+    devices = tuple(map(_device, params))
+    for ts in states:
+        if (tuple(map(_shape, ts)) == shapes and tuple(map(_dtype, ts)) == layout.works
+                and tuple(map(_device, ts)) == devices):
+            continue
+        for i, (p, t) in enumerate(zip(params, ts)):
+            work = layout.works[i]
+            if t.dtype != work or t.shape != p.shape or t.device != p.device:
+                raise ValueError(f"triton backend: factor {i}: optimizer state of dtype {t.dtype}, "
+                                 f"shape {tuple(t.shape)} on {t.device} does not fit a {p.dtype} "
+                                 f"parameter of shape {tuple(p.shape)} on {p.device} (expected "
+                                 f"{work} moments of its shape, on its device)")
+
+
 @torch.no_grad()
 def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
          exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
@@ -173,49 +285,53 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
 
     Every check runs before anything changes. Errors name a factor by its index in ``params``
     (this module does not know names; ``StiefelAdamW`` checks the same before any group steps
-    and names the parameter)."""
+    and names the parameter).
+
+    Host cost: the checks compare whole tuples of shapes / dtypes / devices, the layout
+    (buckets, device groups) and the launch plan (pointer arrays, configurations, buffers) are
+    cached, and the bias corrections are computed on the device from the step counters, so a
+    steady-state step does no per-factor Python work beyond building those tuples, and with
+    counters on the factors' device no host-to-device copy (capturable)."""
     if not params:
         return None
-    for i, p in enumerate(params):
-        reason = unsupported_reason(p)
-        if reason is not None:
-            raise ValueError(f"triton backend: factor {i} ({p.dtype}, shape {tuple(p.shape)}): {reason}")
-    grads = [g if g.dtype in _GRAD_DTYPES else g.to(torch.float32) for g in grads]
-    grads = [g.contiguous() for g in grads]
-    for i, p in enumerate(params):
-        work = state_dtype(p)
-        for t in [exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if hp.amsgrad else []):
-            if t.dtype != work or t.shape != p.shape or t.device != p.device:
-                raise ValueError(f"triton backend: factor {i}: optimizer state of dtype {t.dtype}, "
-                                 f"shape {tuple(t.shape)} on {t.device} does not fit a {p.dtype} "
-                                 f"parameter of shape {tuple(p.shape)} on {p.device} (expected "
-                                 f"{work} moments of its shape, on its device)")
-    # group by device (one op each), order by bucket so that buckets are contiguous runs
-    groups: dict[torch.device, list[int]] = {}
-    for key, bucket in _buckets.buckets(params, grads).items():
-        groups.setdefault(key.device, []).extend(bucket)
+    shapes = tuple(map(_shape, params))
+    key = (shapes, tuple(map(_dtype, params)), tuple(map(_dtype, grads)),
+           tuple(map(_device, params)), _interpreting())
+    layout = _layout(params, grads, key)
+    if tuple(map(_shape, grads)) != shapes:
+        i = next(i for i, (p, g) in enumerate(zip(params, grads)) if g.shape != p.shape)
+        raise ValueError(f"triton backend: factor {i}: gradient of shape {tuple(grads[i].shape)} "
+                         f"for a parameter of shape {tuple(params[i].shape)}")
+    vmax = max_exp_avg_sqs if hp.amsgrad else []
+    _check_states(params, shapes, layout, [exp_avgs, exp_avg_sqs] + ([vmax] if hp.amsgrad else []))
+    if not all(map(_contiguous, grads)) or any(d not in _GRAD_DTYPES for d in key[2]):
+        grads = [(g if g.dtype in _GRAD_DTYPES else g.to(torch.float32)).contiguous() for g in grads]
+    # The kernels address contiguous matrices; anything else goes through a contiguous copy.
+    tensors = [params, exp_avgs, exp_avg_sqs, vmax]
+    staged = [ts if all(map(_contiguous, ts)) else [t if t.is_contiguous() else t.contiguous() for t in ts]
+              for ts in tensors]
+    compiling = torch.compiler.is_compiling()
     failures = None
-    for device, idx in groups.items():
-        steps = [state_steps[i] for i in idx]
+    for device, idx, repeats in layout.groups:
+        if layout.identity:
+            ps, gs, ms, vs, xs, steps = staged[0], grads, staged[1], staged[2], staged[3], state_steps
+        else:
+            ps, gs, ms, vs, steps = ([ts[i] for i in idx] for ts in
+                                     (staged[0], grads, staged[1], staged[2], state_steps))
+            xs = [staged[3][i] for i in idx] if hp.amsgrad else []
         torch._foreach_add_(steps, 1)
-        bc1, bc2 = bias_corrections(steps, hp.beta1, hp.beta2)
-        per = [params[i].numel() // (params[i].shape[-2] * params[i].shape[-1]) for i in idx]
-        bc = torch.tensor([[b for b, k in zip(bc1, per) for _ in range(k)],
-                           [b for b, k in zip(bc2, per) for _ in range(k)]], dtype=torch.float32)
-        bc = bc.to(device, non_blocking=True)
-        # The kernels address contiguous matrices; anything else goes through a contiguous copy.
-        tensors = [[params[i] for i in idx], [exp_avgs[i] for i in idx],
-                   [exp_avg_sqs[i] for i in idx],
-                   [max_exp_avg_sqs[i] for i in idx] if hp.amsgrad else []]
-        staged = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in tensors]
-        count = _group_step(staged[0], [grads[i] for i in idx], staged[1], staged[2], staged[3],
-                            bc, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.maximize, hp.retraction,
-                            hp.cayley_iters, hp.ns_steps, hp.drift_tol)
-        for orig, new in zip(tensors, staged):
+        bc = bias_correction_tensor(steps, hp.beta1, hp.beta2, device, repeats)
+        # the custom op is what torch.compile sees; eager calls skip its dispatch (it bumps
+        # the version counter of every tensor argument: ~1 ms for 256 factors)
+        run = _group_step if compiling else _group_step_impl
+        count = run(ps, gs, ms, vs, xs, bc, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.maximize,
+                    hp.retraction, hp.cayley_iters, hp.ns_steps, hp.drift_tol)
+        failures = count if failures is None else failures + count
+    for orig, new in zip(tensors, staged):
+        if new is not orig:
             for t, s in zip(orig, new):
                 if s is not t:
                     t.copy_(s)
-        failures = count if failures is None else failures + count
     return failures
 
 
