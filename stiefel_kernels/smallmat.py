@@ -65,8 +65,22 @@ def inv_sqrt_spd_newton_schulz(m: Tensor, iters: int = 20) -> tuple[Tensor, Tens
     return x, info
 
 
+#: Newton–Schulz steps of the inverse square root on CUDA without the native kernels: in float64,
+#: 30 steps reach rounding level (~1e-11 relative) up to condition number 1e7, beyond what a
+#: float32 step can mean (20 steps stop converging at ~1e6)
+CUDA_NS_ITERS = 30
+
+
 def inv_sqrt_spd(m: Tensor) -> tuple[Tensor, Tensor]:
-    """Inverse square root of symmetric positive definite ``(..., k, k)``; returns ``(M^(-1/2), info)``."""
+    """Inverse square root of symmetric positive definite ``(..., k, k)``; returns ``(M^(-1/2), info)``.
+
+    On CUDA, unless the native CUDA kernels are enabled, this is :func:`inv_sqrt_spd_newton_schulz`
+    in float64 (:data:`CUDA_NS_ITERS` steps): the default kernel's ``torch.linalg.eigh`` waits
+    for the device (it checks its own ``info`` on the host), which would stall every step of
+    ``polar`` / ``qr`` / ``newton_schulz`` and make it impossible to capture in a CUDA graph."""
+    if m.device.type == "cuda" and not _native.cuda_kernels_enabled:
+        x, info = inv_sqrt_spd_newton_schulz(m.double(), CUDA_NS_ITERS)
+        return x.to(m.dtype), info
     return torch.ops.stiefel_kernels.inv_sqrt_spd(m)
 
 

@@ -158,3 +158,19 @@ def test_cpu_solve_is_right_after_threads_were_raised():
     assert _native.has_op("solve", "cpu")
     assert (info == 0).all()
     assert float((a @ x - b).norm() / b.norm()) < 1e-12
+
+
+@pytest.mark.parametrize("cond", [1e1, 1e4, 1e7])
+@pytest.mark.parametrize("k", [1, 16, 64])
+def test_sync_free_cuda_inverse_square_root_converges(cond, k):
+    """What ``smallmat.inv_sqrt_spd`` runs on CUDA without the native kernels (so ``polar`` never
+    waits for the device): float64 Newton–Schulz, ``CUDA_NS_ITERS`` steps, to float64 rounding
+    times the condition number, with ``info == 0``, up to condition number 1e7."""
+    gen = seeded_gen("ns-cuda", k, int(cond))
+    q = orthogonal((4,), k, gen)
+    ev = torch.logspace(0, float(torch.log10(torch.tensor(cond))), k, dtype=torch.float64)
+    m = (q * ev) @ q.mT
+    ref = (q * ev.rsqrt()) @ q.mT
+    x, info = smallmat.inv_sqrt_spd_newton_schulz(m, smallmat.CUDA_NS_ITERS)
+    assert info.eq(0).all()
+    assert rel_err(x, ref) < 1e-12 * max(1.0, cond / 1e3)  # the policy's float64 bound
