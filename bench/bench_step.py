@@ -11,7 +11,9 @@ Euclidean):
 For each case: ``torch.optim.AdamW(fused=True)`` on the same parameters, and
 ``StiefelAdamW([{"params": A, "stiefel": True}, {"params": B}], lr=1e-3, backend=...)``.
 Gradients are fixed; each step is timed alone (CUDA events around ``step()``, warm-up excluded,
-median of ``--runs``). For the triton backend the Stiefel part is also timed by itself (the
+median of ``--runs``), and three ways: eager (what a training loop sees), host time alone (the
+clock stops when ``step()`` returns, the device idle before), and device time alone (the step
+captured once in a CUDA graph and replayed; fused AdamW with ``capturable=True`` there). For the triton backend the Stiefel part is also timed by itself (the
 backend's ``step``, and its pass 1 / pass 2 kernels) and its bandwidth is reported against the
 floor of docs/design.md ("Memory traffic"): 10 words per element (pass 1 reads p, g, m, v and
 writes m, v; pass 2 reads p, m, v and writes p), next to a device-to-device copy bandwidth
@@ -154,14 +156,39 @@ def floor_bytes(case: Case, dtype=torch.float32) -> dict:
 
 
 # ----------------------------------------------------------------------------- one case
-def make_optimizer(kind: str, a, b, retraction: str, euclid: str = "fused"):
+def make_optimizer(kind: str, a, b, retraction: str, euclid: str = "fused", capturable: bool = False):
     """``euclid``: how StiefelAdamW steps the Euclidean group (``fused`` compares like with like
-    against fused AdamW; ``default`` is what torch picks, foreach on CUDA)."""
+    against fused AdamW; ``default`` is what torch picks, foreach on CUDA). ``capturable``: for
+    fused AdamW, its CUDA-graph mode (StiefelAdamW's step is capturable as it is)."""
     if kind == "adamw_fused":
-        return torch.optim.AdamW(a + b, lr=1e-3, fused=True)
+        return torch.optim.AdamW(a + b, lr=1e-3, fused=True, capturable=capturable)
     extra = {"fused": True} if euclid == "fused" else {"foreach": True} if euclid == "foreach" else {}
     return stiefel_kernels.StiefelAdamW([{"params": a, "stiefel": True}, {"params": b, **extra}],
                                         lr=1e-3, backend=kind, retraction=retraction)
+
+
+def graph_ms(kind: str, case: "Case", device, retraction: str, euclid: str, runs: int,
+             warmup: int) -> float | str:
+    """Device time of one step: the step captured once in a CUDA graph and replayed (no host
+    work between kernels). A string says why it could not be measured."""
+    if torch.device(device).type != "cuda":
+        return "no CUDA"
+    try:
+        a, b = make_params(case, device)
+        opt = make_optimizer(kind, a, b, retraction, euclid, capturable=True)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                opt.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.step()
+        return time_fn(graph.replay, device, runs, warmup)["median_ms"]
+    except Exception as exc:  # noqa: BLE001  (reported in the table, not fatal)
+        torch.cuda.synchronize()
+        return f"capture failed: {type(exc).__name__}: {str(exc)[:120]}"
 
 
 def host_ms(opt, device, runs: int) -> float:
@@ -229,6 +256,8 @@ def run_case(name: str, backends, device, runs: int, warmup: int, retraction: st
         t["host_ms"] = host_ms(opt, device, n_runs)
         res["steps"][kind] = t
         del opt, a, b
+        if kind != "reference":
+            t["graph_ms"] = graph_ms(kind, case, device, retraction, euclid, n_runs, warmup)
     base = res["steps"].get("adamw_fused", {}).get("median_ms")
     for kind, t in res["steps"].items():
         t["ratio_to_adamw_fused"] = (t["median_ms"] / base) if base else None
@@ -266,13 +295,23 @@ def markdown(report: dict) -> str:
              + (", TINY shapes (not a measurement)" if report["tiny"] else ""), "",
              f"device-to-device copy: {report['copy_GBps']:.0f} GB/s" if report["copy_GBps"] else "", ""]
     for res in report["cases"]:
+        fb = res["floor_bytes"]
         lines += [f"## {res['case']}", "", res["note"], "",
-                  "| optimizer | ms/step | x fused AdamW | GB/s at the floor | host ms (enqueue) |",
-                  "| --- | --- | --- | --- | --- |"]
+                  f"bytes a step must move: {fb['step'] / 1e6:.1f} MB (fused AdamW on the same "
+                  f"parameters: {fb['adamw_all'] / 1e6:.1f} MB)", "",
+                  "| optimizer | ms/step (eager) | x fused AdamW | GB/s at the floor | host ms (enqueue) "
+                  "| device ms (graph replay) | x fused AdamW (graph) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        base_graph = res["steps"].get("adamw_fused", {}).get("graph_ms")
         for kind, t in res["steps"].items():
             ratio = f"{t['ratio_to_adamw_fused']:.2f}" if t["ratio_to_adamw_fused"] else "-"
             host = f"{t['host_ms']:.3f}" if "host_ms" in t else "-"
-            lines.append(f"| {kind} | {t['median_ms']:.3f} | {ratio} | {t['floor_GBps']:.1f} | {host} |")
+            g = t.get("graph_ms", "-")
+            graph = f"{g:.3f}" if isinstance(g, float) else str(g)
+            gratio = (f"{g / base_graph:.2f}" if isinstance(g, float) and isinstance(base_graph, float)
+                      else "-")
+            lines.append(f"| {kind} | {t['median_ms']:.3f} | {ratio} | {t['floor_GBps']:.1f} | {host} "
+                         f"| {graph} | {gratio} |")
         tp = res.get("triton_passes")
         if tp:
             frac = (lambda k: f" ({tp[k + '_fraction_of_copy_bw']:.0%} of copy)"

@@ -84,7 +84,7 @@ stage build started
 build_pid=$!
 
 stage bench_step
-within 150 python bench/bench_step.py --backends torch triton --runs 30 --out "$out" \
+within 170 python bench/bench_step.py --backends torch triton --runs 30 --out "$out" \
   > "$out/bench_step.log" 2>&1 || status=1
 grep -v "^$" "$out/bench_step.log" | tail -n 40
 
