@@ -7,8 +7,10 @@ take Algorithm 1 of the Stiefel-AdamW talk with AdamW's moment semantics: ambien
 the Euclidean gradient, ``D = m_hat / (sqrt(v_hat) + eps)``, tangent projection, retraction.
 No weight decay is applied to them (their norm is fixed).
 
-All other groups are plain ``torch.optim.AdamW``: the step calls torch's own functional AdamW
-(foreach or fused as torch picks or as asked), so they match it bit for bit.
+All other groups are plain ``torch.optim.AdamW``: the step calls torch's own functional AdamW,
+fused by default where torch has a fused kernel for the group (:func:`euclidean_fused`), else
+foreach or the for-loop as torch picks or as asked, so they match ``torch.optim.AdamW`` with the
+same ``foreach``/``fused`` bit for bit.
 
 Every check of a step (hyper-parameters of every group, each factor's shape and backend, state
 tensors that still fit their parameters, gradient shapes, first-step orthonormality) runs before
@@ -35,7 +37,7 @@ from . import backends
 from .distributed import orthogonality_error  # plain tensors and DTensors
 from .gram import canonical_retraction
 
-__all__ = ["StiefelAdamW", "default_ortho_tol", "default_drift_tol"]
+__all__ = ["StiefelAdamW", "default_ortho_tol", "default_drift_tol", "euclidean_fused"]
 
 #: every option of a group (the constructor's keyword arguments)
 _OPTION_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "stiefel", "retraction",
@@ -69,6 +71,39 @@ def _factor_problem_of(kind: type, dtype: torch.dtype, shape: torch.Size) -> str
     if dtype.is_complex or not dtype.is_floating_point:
         return "dtype"
     return None
+
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fusable(params: list[Tensor]) -> bool:
+    """Whether torch's fused AdamW takes every one of ``params``: plain (non-DTensor) floating
+    tensors on a device with fused kernels."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return all(issubclass(kind, Tensor) and not _is_dtensor_type(kind) and dev.type in devices
+               and dtype in _FUSED_DTYPES
+               for kind, dev, dtype in set(zip(map(type, params), map(_device, params),
+                                               map(_dtype, params))))
+
+
+def _is_dtensor_type(kind: type) -> bool:
+    return kind.__name__ == "DTensor"
+
+
+def euclidean_fused(group: dict[str, Any], params: list[Tensor]) -> bool:
+    """Whether a Euclidean group steps with torch's fused AdamW: as asked (``fused=True/False``),
+    not when ``foreach`` is set (``True``, or ``False`` for the for-loop), else (the default,
+    ``None`` for both) wherever torch
+    has a fused kernel for every parameter (CPU and CUDA, floating dtypes, not DTensors).
+    Fused AdamW is 3-5x faster than foreach on the CPU and one launch on a GPU; it equals the
+    foreach/for-loop AdamW within rounding, not bit for bit (pass ``foreach=True`` for that)."""
+    if group["fused"] is not None:
+        return bool(group["fused"])
+    if group["foreach"] is not None:  # foreach=True, or foreach=False (the for-loop) asked for
+        return False
+    return bool(params) and _fusable(params)
 
 
 def default_ortho_tol(dtype: torch.dtype) -> float:
@@ -127,9 +162,14 @@ class StiefelAdamW(Optimizer):
             :func:`stiefel_kernels.orthonormalize_` first. Nothing re-orthonormalizes silently.
         backend: ``"auto"`` (``$STIEFEL_KERNELS_BACKEND`` if set, else triton on CUDA, torch
             otherwise), ``"reference"``, ``"torch"`` or ``"triton"``; per group.
-        foreach, fused: passed to torch's AdamW for Euclidean groups.
+        foreach, fused: passed to torch's AdamW for Euclidean groups. Default (both ``None``):
+            fused where torch has a fused kernel for every parameter of the group (CPU, CUDA;
+            floating dtypes; not DTensors), else torch's own default. Fused AdamW equals the
+            foreach/for-loop AdamW within rounding: pass ``foreach=True`` (or ``False``) for
+            those bit for bit.
 
-    State per parameter (both kinds): ``step`` (CPU float32 scalar tensor, as torch), ``exp_avg``,
+    State per parameter (both kinds): ``step`` (float32 scalar tensor: on the parameter's device
+    for Stiefel factors and fused Euclidean groups, else on the CPU, as torch), ``exp_avg``,
     ``exp_avg_sq`` and with amsgrad ``max_exp_avg_sq`` (created, as zeros, when amsgrad is turned
     on later). For a bfloat16/float16 Stiefel factor the moments are float32.
 
@@ -245,11 +285,11 @@ class StiefelAdamW(Optimizer):
         path rejects a tensor ``lr``/``betas`` (after other groups would have stepped): refuse
         them here, where torch would take that path (``foreach=True``; tensor betas also with the
         default ``foreach=None`` on CUDA, where torch defaults to foreach)."""
-        if group["fused"]:
-            return
         beta_tensor = any(isinstance(b, Tensor) for b in group["betas"])
         if not (beta_tensor or isinstance(group["lr"], Tensor)):
             return  # the usual case: no per-parameter look below, on every step
+        if euclidean_fused(group, [p for p in group["params"] if isinstance(p, Tensor)]):
+            return
         if group["foreach"] or (group["foreach"] is None and beta_tensor
                                 and any(p.device.type == "cuda" for p in group["params"])):
             raise ValueError(f"{where}: a tensor lr or betas needs fused=True or foreach=False in a "
@@ -312,13 +352,13 @@ class StiefelAdamW(Optimizer):
     def _state_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
         return backends.state_dtype(p) if group["stiefel"] else p.dtype
 
-    def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+    def _init_state(self, group: dict[str, Any], p: Tensor, fused: bool = False) -> dict[str, Any]:
         state = self.state[p]
         if len(state) == 0:
             # Stiefel groups keep the counter on the factor's device (their backends compute the
             # bias corrections there: no host sync, no copy, a capturable step); Euclidean groups
             # where torch's functional AdamW wants it (on the device only when fused)
-            on_device = group["stiefel"] or group["fused"]
+            on_device = group["stiefel"] or fused
             state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device
                              else torch.tensor(0.0, dtype=torch.float32))
             dtype = self._state_dtype(group, p)
@@ -506,16 +546,17 @@ class StiefelAdamW(Optimizer):
                 self._step_euclidean(group, prep)
         return loss
 
-    def _states(self, group: dict[str, Any], prep: _Prepared) -> list[dict[str, Any]]:
+    def _states(self, group: dict[str, Any], prep: _Prepared, fused: bool = False) -> list[dict[str, Any]]:
         if prep.states is not None:
             return prep.states
-        return [self._init_state(group, p) for p in prep.params]
+        return [self._init_state(group, p, fused) for p in prep.params]
 
     def _step_euclidean(self, group: dict[str, Any], prep: _Prepared) -> None:
         params, grads = prep.params, prep.grads
         if not params:
             return
-        states = self._states(group, prep)
+        fused = euclidean_fused(group, params)
+        states = self._states(group, prep, fused)
         exp_avgs = [st["exp_avg"] for st in states]
         exp_avg_sqs = [st["exp_avg_sq"] for st in states]
         max_sqs = [st["max_exp_avg_sq"] for st in states] if group["amsgrad"] else []
@@ -524,7 +565,8 @@ class StiefelAdamW(Optimizer):
         beta1, beta2 = group["betas"]
         _torch_adam(
             params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
-            foreach=group["foreach"], fused=group["fused"], capturable=False, differentiable=False,
+            foreach=None if fused else group["foreach"], fused=fused, capturable=False,
+            differentiable=False,
             grad_scale=None, found_inf=None, has_complex=has_complex, decoupled_weight_decay=True,
             amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],

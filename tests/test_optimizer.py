@@ -53,13 +53,17 @@ def rel(a, b):
     dict(foreach=False),
     dict(foreach=True, amsgrad=True),
     dict(fused=True),
+    dict(fused=False),
 ])
 def test_euclidean_groups_match_torch_adamw_bitwise(gen, kw):
+    """Bit for bit against torch's AdamW with the same options; by default (neither foreach nor
+    fused given) a Euclidean group runs torch's fused AdamW where torch has it (here, the CPU)."""
     params = [torch.randn(7, 5, generator=gen), torch.randn(13, generator=gen), torch.randn(2, 3, 4, generator=gen)]
     ours = [p.clone().requires_grad_() for p in params]
     theirs = [p.clone().requires_grad_() for p in params]
     opt_a = StiefelAdamW(ours, lr=3e-3, **kw)
-    opt_b = torch.optim.AdamW(theirs, lr=3e-3, **kw)
+    theirs_kw = kw if ("foreach" in kw or "fused" in kw) else {**kw, "fused": True}
+    opt_b = torch.optim.AdamW(theirs, lr=3e-3, **theirs_kw)
     for step in range(25):
         grads = [torch.randn(p.shape, generator=gen) for p in params]
         for p, g in zip(ours, grads):
