@@ -42,13 +42,21 @@
 #include <cstring>
 #include <vector>
 
+// The 64-byte vector types below only live inside always-inlined helpers of the cloned
+// functions (no ABI boundary), so GCC's note on their calling convention does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace stiefel_kernels {
 namespace {
 
 // rows of X per Gram partial (gram.GRAM_CHUNK_ROWS)
 constexpr int64_t kChunkRows = 4096;
-// elements of one scratch array of a sub-block (32 KiB float32)
+// elements of one scratch array of a sub-block: tall 32 KiB float32 (L1), wide 128 KiB (L2: the
+// dot-product tiles of the wide layout reduce their lanes once per sub-block, so longer rows pay)
 constexpr int64_t kScratchElems = 8192;
+constexpr int64_t kWideScratchElems = 32768;
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
     !defined(STIEFEL_NO_TARGET_CLONES)
@@ -83,11 +91,35 @@ template <typename S>
 SK_INLINE void vstore(S* p, const vec<S>& v) {
   std::memcpy(p, &v, sizeof(v));
 }
+
+// even/odd lanes of the concatenation (a, b), added: lane l < W/2 holds a[2l] + a[2l+1], lane
+// W/2 + l holds b[2l] + b[2l+1].
+SK_INLINE vec<float> pair_add(const vec<float>& a, const vec<float>& b) {
+  typedef int32_t M __attribute__((vector_size(64)));
+  const M even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const M odd = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);
+}
+SK_INLINE vec<double> pair_add(const vec<double>& a, const vec<double>& b) {
+  typedef int64_t M __attribute__((vector_size(64)));
+  const M even = {0, 2, 4, 6, 8, 10, 12, 14};
+  const M odd = {1, 3, 5, 7, 9, 11, 13, 15};
+  return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);
+}
+// Horizontal sums of 16 vectors, out[k] = sum of the lanes of v[k], by rounds of pair_add (each
+// round halves the vectors and the lanes per input; the order is fixed).
 template <typename S>
-SK_INLINE S hsum(const vec<S>& v) {
-  S s = v[0];
-  for (int i = 1; i < VecOf<S>::W; ++i) s += v[i];
-  return s;
+SK_INLINE void reduce16(const vec<S>* v, S* out) {
+  constexpr int W = VecOf<S>::W;
+  vec<S> t[16];
+  for (int k = 0; k < 16; ++k) t[k] = v[k];
+  int count = 16;
+  for (int lanes = W; lanes > 1 && count > 1; lanes /= 2) {  // lanes per input vector
+    for (int k = 0; k < count / 2; ++k) t[k] = pair_add(t[2 * k], t[2 * k + 1]);
+    count /= 2;
+  }
+  // float: one vector, lane k = input k; double: two vectors of 8
+  for (int k = 0; k < 16; ++k) out[k] = t[k / W][k % W];
 }
 
 SK_INLINE float fused(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
@@ -230,8 +262,11 @@ SK_INLINE void dot_tile(const S* __restrict u, const S* __restrict w, int64_t st
     for (int a = 0; a < 4; ++a)
       for (int b = 0; b < 4; ++b) acc[a][b] += uv[a] * wv[b];
   }
+  // 16 horizontal sums at once (a fixed pairwise tree): sums[a * 4 + b] = hsum(acc[a][b])
+  S sums[16];
+  reduce16<S>(&acc[0][0], sums);
   for (int a = 0; a < 4; ++a)
-    for (int b = 0; b < 4; ++b) out[(i0 + a) * ra + j0 + b] += hsum<S>(acc[a][b]);
+    for (int b = 0; b < 4; ++b) out[(i0 + a) * ra + j0 + b] += sums[a * 4 + b];
 }
 
 // Wide scratch: x, d are r4 rows (rows >= r zero) of `stride` columns, the first len in use
@@ -341,7 +376,8 @@ Geometry make_geometry(int64_t n, int64_t r, bool wide, int W) {
   } else {
     geo.r4 = round_up(r, 4);
     geo.ra = geo.r4;
-    geo.block = std::max<int64_t>(2 * W, (kScratchElems / geo.r4) / (2 * W) * (2 * W));
+    geo.block = std::max<int64_t>(
+        2 * W, std::min<int64_t>(kChunkRows, kWideScratchElems / geo.r4) / (2 * W) * (2 * W));
     geo.scratch = geo.block * geo.r4;
   }
   return geo;
@@ -395,8 +431,7 @@ Bucket describe(const char* op, const std::vector<at::TensorList>& slots, bool r
   bk.sdtype = working_type(bk.pdtype);
   const int64_t a = p0.size(-2), b = p0.size(-1);
   const int64_t n = row_orthonormal ? b : a, r = row_orthonormal ? a : b;
-  TORCH_CHECK(n >= r, "stiefel_kernels::", op, ": row_orthonormal=", row_orthonormal,
-              " needs the long side along dim ", row_orthonormal ? -1 : -2, ", got shape ", p0.sizes());
+  // n < r is allowed: a shard of a factor (FSDP) may hold fewer rows than r, or none
   bk.batch.assign(p0.sizes().begin(), p0.sizes().end() - 2);
   static const char* names[kSlots] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"};
   bool wide_ok = true, tall_ok = true;
@@ -587,9 +622,9 @@ at::Tensor run_pass1(const Bucket& bk, const at::Tensor& bc, double beta1, doubl
   out_shape.insert(out_shape.end(), {3, r, r});
   const auto opts = at::TensorOptions().dtype(bk.sdtype).device(at::kCPU);
   at::Tensor out = at::empty(out_shape, opts);
+  if (out.numel() == 0) return out;
+  if (geo.n == 0) return out.zero_();  // no rows (an empty shard): zero sums
   const int64_t nf = static_cast<int64_t>(bk.factors.size());
-  if (nf == 0 || r == 0) return out;
-  if (geo.n == 0) return out.zero_();
   const int64_t items = nf * geo.nchunks;
   at::Tensor partials = at::empty({items * 3 * r * r}, opts);
   at::Tensor bcd = bc.to(at::kDouble).contiguous();
@@ -765,7 +800,8 @@ void stiefel_adamw_pass2_cpu(at::TensorList params, at::TensorList exp_avgs, at:
   std::vector<at::TensorList> slots{params, at::TensorList(), exp_avgs, exp_avg_sqs, at::TensorList()};
   const Bucket bk = describe(op, slots, row_orthonormal);
   check_bc(op, bc, bk.lists);
-  const int64_t nf = static_cast<int64_t>(bk.factors.size());
+  if (bk.lists == 0) return;
+  const int64_t nf = bk.lists * c10::multiply_integers(bk.batch);
   const int64_t r = bk.geo.r;
   for (const at::Tensor* t : {&c, &e}) {
     TORCH_CHECK(t->is_floating_point() && t->device().is_cpu(), "stiefel_kernels::", op,
@@ -774,7 +810,6 @@ void stiefel_adamw_pass2_cpu(at::TensorList params, at::TensorList exp_avgs, at:
                 "stiefel_kernels::", op, ": c and e must hold ", nf, " matrices of ", r, " x ", r,
                 " (shape (P, *batch, r, r)), got shape ", t->sizes());
   }
-  if (bk.lists == 0) return;
   if (bk.sdtype == at::kDouble) run_pass2<double>(bk, bc, c, e, eps);
   else run_pass2<float>(bk, bc, c, e, eps);
 }
