@@ -6,7 +6,9 @@
 //                       eps, amsgrad, maximize, row_orthonormal) -> grams (P, *batch, 3, r, r)
 //     moments in place (bit for bit torch's _foreach_lerp_ / _foreach_mul_ / _foreach_addcmul_ /
 //     _foreach_maximum_ where torch runs its AVX2/AVX512 kernels: both use one FMA for lerp and
-//     for addcmul), D = (m / bc1) / (sqrt(v) / bc2 + eps), and K = X^T X, G = X^T D, H = D^T D.
+//     for addcmul), D = (m / bc1) / (sqrt(v) / bc2 + eps) with IEEE (correctly rounded) division
+//     and sqrt (torch's CPU sqrt is not correctly rounded, so D may differ from the torch
+//     backend's in the last bit), and K = X^T X, G = X^T D, H = D^T D.
 //   stiefel_adamw_pass2(params, exp_avgs, exp_avg_sqs, bc, c, e, eps, row_orthonormal)
 //     X <- X + (X (C - I) + D E) in place, D recomputed exactly as pass 1 computed it.
 //

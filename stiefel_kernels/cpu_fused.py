@@ -20,8 +20,11 @@ Numerics (what the tests check):
   ``_foreach_addcmul_(v, g, g, 1 - beta2)``, ``_foreach_maximum_(v_max, v)`` as torch computes
   them with its AVX2/AVX512 kernels (one FMA for lerp and one for addcmul); on a CPU without FMA
   the results differ from torch's in the last bit;
-* ``D = (m / bc1) / (sqrt(v) / bc2 + eps)`` in the working dtype, the torch backend's expression;
-  pass 2 recomputes it bit for bit;
+* ``D = (m / bc1) / (sqrt(v) / bc2 + eps)`` in the working dtype, the torch backend's expression
+  in its order, with a correctly rounded ``sqrt`` (as the Triton kernels' ``sqrt_rn``). torch's
+  CPU ``sqrt`` is not correctly rounded (in torch 2.13's CPU wheel about 16% of random float32
+  inputs differ in the last bit), so ``D`` can differ from the torch backend's by one rounding;
+  pass 2 recomputes the kernel's ``D`` bit for bit;
 * ``K = X^T X``, ``G = X^T D``, ``H = D^T D``: products accumulated in the working dtype within
   chunks of 4096 rows of ``X`` (``gram.GRAM_CHUNK_ROWS``), chunk partials added in float64 in
   chunk order: the same bits at any thread count; ``K`` and ``H`` exactly symmetric;
