@@ -168,8 +168,11 @@ def retraction_coefficients(
     lr = _lr_tensor(lr, k)
     eye = _eye(k, r)
     sg = sym(g)
+    mn1 = None
+    if retraction in ("cayley", "cayley_fp"):
+        mn1 = _cayley_mn1(k, g, h, sg)
     if retraction == "cayley_fp":
-        lr = cayley_step_size(k, g, h, lr)
+        lr = _step_size_from_mn1(mn1, lr)
     c0 = eye + lr * sg
     e0 = -lr * eye
     info = torch.zeros(k.shape[:-2], dtype=torch.int32, device=k.device)
@@ -186,8 +189,9 @@ def retraction_coefficients(
                 s = 0.5 * s @ (3.0 * eye - s.mT @ m @ s)
         return c0 @ s, e0 @ s, info
 
-    # Cayley: coefficients c (2r x r) of Y = [X, D] c.
-    amat = _cayley_generator(k, g, sg, lr) @ _gram_2r(k, g, h)
+    # Cayley: coefficients c (2r x r) of Y = [X, D] c. M is linear in lr (M = lr M_1), so one
+    # product M_1 N serves the step size and the iteration.
+    amat = lr * mn1
     e1 = torch.cat([eye, torch.zeros_like(k)], dim=-2)
     if retraction == "cayley":
         eye2 = _eye(k, 2 * r)
@@ -200,7 +204,9 @@ def retraction_coefficients(
 
 
 def _cayley_generator(k: Tensor, g: Tensor, sg: Tensor, lr: Tensor) -> Tensor:
-    """Skew ``M`` (``(..., 2r, 2r)``) with ``W = Q M Q^T``, ``Q = [X, D]`` (module docstring)."""
+    """Skew ``M`` (``(..., 2r, 2r)``) with ``W = Q M Q^T``, ``Q = [X, D]`` (module docstring).
+    The dense form: the step uses ``M N`` by blocks (:func:`_cayley_mn1`); the tests compare
+    the two."""
     eye = _eye(k, k.shape[-1])
     a = lr * sg - 0.5 * lr * (k @ sg - g)
     b = -lr * eye
@@ -213,9 +219,27 @@ def cayley_step_size(k: Tensor, g: Tensor, h: Tensor, lr: Tensor) -> Tensor:
     """``min(lr, 1/||W_1||_F)`` from the Gram matrices, ``(..., 1, 1)``: the coefficient form of
     :func:`stiefel_kernels.geometry.cayley_step_size`: ``W = lr W_1`` and, ``M`` being skew,
     ``||W||_F^2 = tr(M^T N M N) = -tr((M N)^2)``."""
-    mn = _cayley_generator(k, g, sym(g), torch.ones_like(lr)) @ _gram_2r(k, g, h)
-    w_norm = (-torch.einsum("...ij,...ji->...", mn, mn)).clamp_min(0).sqrt()
-    return torch.minimum(lr, 1.0 / w_norm.clamp_min(torch.finfo(k.dtype).tiny)[..., None, None])
+    return _step_size_from_mn1(_cayley_mn1(k, g, h, sym(g)), lr)
+
+
+def _step_size_from_mn1(mn1: Tensor, lr: Tensor) -> Tensor:
+    """:func:`cayley_step_size` from ``M_1 N`` (:func:`_cayley_mn1`)."""
+    w_norm = (-torch.einsum("...ij,...ji->...", mn1, mn1)).clamp_min(0).sqrt()
+    return torch.minimum(lr, 1.0 / w_norm.clamp_min(torch.finfo(mn1.dtype).tiny)[..., None, None])
+
+
+def _cayley_mn1(k: Tensor, g: Tensor, h: Tensor, sg: Tensor) -> Tensor:
+    """``M_1 N`` (``(..., 2r, 2r)``; ``M = lr M_1``, module docstring) by blocks: with
+    ``b = -I``, ``M_1 = [[A, I], [-I, 0]]``, ``A = a_1 - a_1^T``, ``a_1 = sym(G) - (K sym(G) - G)/2``:
+
+        M_1 N = [[A K + G^T, A G + H], [-K, -G]]
+
+    two ``r x r`` products (and ``K sym(G)``) instead of a dense ``2r x 2r`` product with
+    ``M_1``'s identity and zero blocks."""
+    a = sg - 0.5 * (k @ sg - g)
+    skew = a - a.mT
+    top = torch.cat([skew @ k + g.mT, skew @ g + h], dim=-1)
+    return torch.cat([top, torch.cat([-k, -g], dim=-1)], dim=-2)
 
 
 def _gram_2r(k: Tensor, g: Tensor, h: Tensor) -> Tensor:
@@ -244,11 +268,44 @@ def orthonormality_correction(k: Tensor, g: Tensor, h: Tensor, c: Tensor, e: Ten
         tol: orthogonality error below which nothing is corrected.
         iters: Newton–Schulz steps.
     """
+    s = _correction_or_none(k, g, h, c, e, tol, iters)
+    return _eye(k, k.shape[-1]) if s is None else s
+
+
+def _host_branch_is_free(t: Tensor) -> bool:
+    """A data-dependent Python branch costs nothing here: eager CPU tensors (no device sync, no
+    graph break under torch.compile)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _correction_or_none(k: Tensor, g: Tensor, h: Tensor, c: Tensor, e: Tensor, tol: float,
+                        iters: int = CORRECTION_ITERS) -> Tensor | None:
+    """:func:`orthonormality_correction`, or ``None`` where that is the identity for every
+    factor, known without a device sync (CPU). On the CPU the Newton–Schulz iteration runs only
+    on the factors whose drift test fires; elsewhere on all of them (no host sync)."""
     eye = _eye(k, k.shape[-1])
     m = sym(coefficient_gram(k, g, h, c, e))
-    err = torch.linalg.matrix_norm(m - eye)
-    z, scale = smallmat.newton_schulz_inv_sqrt(m, iters)
-    return torch.where((err > tol)[..., None, None], z * scale.rsqrt(), eye)
+    fire = torch.linalg.matrix_norm(m - eye) > tol
+    if not _host_branch_is_free(k):
+        z, scale = smallmat.newton_schulz_inv_sqrt(m, iters)
+        return torch.where(fire[..., None, None], z * scale.rsqrt(), eye)
+    if fire.dim() == 0:
+        if not bool(fire):
+            return None
+        z, scale = smallmat.newton_schulz_inv_sqrt(m, iters)
+        return z * scale.rsqrt()
+    index = fire.reshape(-1).nonzero().squeeze(-1)
+    if index.numel() == 0:
+        return None
+    r = k.shape[-1]
+    flat = m.reshape(-1, r, r)
+    if index.numel() == flat.shape[0]:
+        z, scale = smallmat.newton_schulz_inv_sqrt(flat, iters)
+        return (z * scale.rsqrt()).reshape(m.shape)
+    z, scale = smallmat.newton_schulz_inv_sqrt(flat.index_select(0, index), iters)
+    s = torch.eye(r, dtype=k.dtype, device=k.device).repeat(flat.shape[0], 1, 1)
+    s.index_copy_(0, index, z * scale.rsqrt())
+    return s.reshape(m.shape)
 
 
 def step_coefficients(
@@ -271,7 +328,9 @@ def step_coefficients(
     retraction = canonical_retraction(retraction)
     c, e, info = retraction_coefficients(k, g, h, lr, retraction, cayley_iters=cayley_iters,
                                          ns_steps=ns_steps)
-    s = orthonormality_correction(k, g, h, c, e, tol)
+    s = _correction_or_none(k, g, h, c, e, tol)
+    if s is None:  # no factor drifted (known on the CPU without a sync): C S = C, E S = E
+        return c, e, info
     return c @ s, e @ s, info
 
 
