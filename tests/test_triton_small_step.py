@@ -15,7 +15,6 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from stiefel_kernels import gram  # noqa: E402
-from conftest import compile_for_gpu_without_one  # noqa: E402
 from stiefel_kernels.backends import triton_backend as tb  # noqa: E402
 from stiefel_kernels.geometry import newton_schulz_scale  # noqa: E402
 
@@ -124,26 +123,3 @@ def test_launch_rejects_bad_layouts():
     with pytest.raises(ValueError):
         tb.small_step_launch(k, k, k, torch.zeros(2, 5, 5, device=DEVICE),
                              torch.zeros(2, 5, 5, device=DEVICE), 0.1, "cayley_fp")
-
-
-_AOT_SCRIPT = r"""
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from stiefel_kernels.kernels.small_step_triton import small_step_kernel as kern
-
-names = list(kern.arg_names)
-for ret, r_pad, bk in ((0, 16, 16), (1, 16, 16), (0, 64, 16), (1, 64, 16)):
-    const = dict(RETRACTION=ret, ITERS=2, CORRECTION_ITERS=5, C_MINUS_I=True, R_PAD=r_pad, BK=bk)
-    sig = {nm: "constexpr" if nm in const else "*fp32" if nm.endswith("_ptr") else
-           "fp32" if nm in ("lr", "tol") else "i32" for nm in names}
-    src = ASTSource(kern, sig, {(names.index(k),): v for k, v in const.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-print("compiled")
-"""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile the kernel")
-def test_kernel_compiles_for_sm90():
-    """Without a GPU, compile the kernel for sm_90 (direct and streamed products)."""
-    compile_for_gpu_without_one(_AOT_SCRIPT)

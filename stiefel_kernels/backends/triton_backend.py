@@ -60,7 +60,10 @@ from . import FunctionBackend, StiefelHyperparams, bias_correction_tensor, state
 
 name = "triton"
 
-MAX_RANK = 128
+#: largest rank (shorter side) the kernels take: ``R_PAD = 128`` has no configuration that
+#: compiles for sm_90 without register spills (``bench/kernel_report.py``), so rank 65-128
+#: factors go to the torch backend (``backend='auto'``) or are refused (``backend='triton'``)
+MAX_RANK = launch.MAX_R_PAD
 
 
 def _interpreting() -> bool:
@@ -84,7 +87,9 @@ def unsupported_reason(param: Tensor) -> str | None:
         return f"a Stiefel factor needs at least 2 dims, got shape {tuple(param.shape)}"
     r = min(param.shape[-2], param.shape[-1])
     if r > MAX_RANK:
-        return f"rank {r} (the shorter side) is above the kernels' limit of {MAX_RANK}"
+        return (f"rank {r} (the shorter side) is above the Triton kernels' limit of {MAX_RANK} "
+                f"(above it no tile configuration compiles for sm_90 without register spills); "
+                f"use backend='torch' (backend='auto' does so by itself)")
     if param.numel() == 0:
         return "empty parameter"
     return None

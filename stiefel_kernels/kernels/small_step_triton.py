@@ -18,7 +18,7 @@ then :func:`~stiefel_kernels.gram.orthonormality_correction`), written blockwise
   ``c_top = I + t/2 (P u_top + Q u_bot)``, ``c_bot = -t/2 (K u_top + G u_bot)``.
 * ``newton_schulz``: ``c0 = I + lr sym(G)``, ``e0 = -lr I``,
   ``m = c0^T K c0 - lr (c0^T G + G^T c0) + lr^2 H`` (:func:`~stiefel_kernels.gram.coefficient_gram`),
-  ``s = newton_schulz_scale(m) I``, ``ITERS`` steps ``s <- s (3I - s^T m s) / 2``;
+  ``s = newton_schulz_scale(m) I``, ``iters`` steps ``s <- s (3I - s^T m s) / 2``;
   ``C = c0 s``, ``E = -lr s``.
 * correction, both: ``Y^T Y = C^T K C + C^T G E + (C^T G E)^T + E^T H E``; where
   ``||Y^T Y - I||_F > tol`` both ``C`` and ``E`` are multiplied by ``S ~ (Y^T Y)^(-1/2)``
@@ -29,13 +29,14 @@ Registers: ``tl.dot``'s fp32 (FMA) lowering holds whole operand rows/columns per
 whole-width products spill on sm_90 from ``R_PAD = 32`` on. With ``BK < R_PAD`` every product
 streams ``BK``-wide slices of its inner dimension through a per-program scratch buffer
 (``(F, 2, R_PAD, R_PAD)`` fp32, L1/L2 resident, ordered by barriers). Compiled for sm_90 with
-``BK = 16`` and 8 warps: no spills up to ``R_PAD = 32``, under 100 bytes per thread at 64; at
+8 warps, ``BK = 16`` at ``R_PAD = 32`` and ``BK = 8`` at 64 there are no spills
+(``bench/kernel_report.py``; ``BK = 16`` spilled ~300 bytes per thread at 64); at
 ``R_PAD = 128`` (16 warps) about 2 KB per thread, so the backend stops at rank 64.
 
 Padding: every tile is zero outside ``[:r, :r]`` (masked loads, an identity restricted to ``r``),
 and the products keep it so; the kernel stores ``store_n x store_n`` entries, so it can write
 either compact ``(F, r, r)`` outputs (``store_n = r``) or the zero-padded ``(F, 2, R_PAD, R_PAD)``
-coefficient buffer of pass 2 (``store_n = R_PAD``, ``C_MINUS_I`` to store ``C - I``).
+coefficient buffer of pass 2 (``store_n = R_PAD``, ``minus_i = 1.0`` to store ``C - I``).
 """
 from __future__ import annotations
 
@@ -72,17 +73,21 @@ def _mm(a, b, scratch, R_PAD: tl.constexpr, BK: tl.constexpr):
         return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["r", "stride_in_f", "stride_in_row", "stride_out_f",
+                               "stride_out_row", "store_n", "iters"],
+            do_not_specialize_on_alignment=["k_ptr", "g_ptr", "h_ptr", "c_ptr", "e_ptr"])
 def small_step_kernel(
     k_ptr, g_ptr, h_ptr, c_ptr, e_ptr, scratch_ptr,
     lr, tol, r,
-    stride_in_f, stride_in_row, stride_out_f, stride_out_row, store_n,
-    RETRACTION: tl.constexpr, ITERS: tl.constexpr, CORRECTION_ITERS: tl.constexpr,
-    C_MINUS_I: tl.constexpr, R_PAD: tl.constexpr, BK: tl.constexpr,
+    stride_in_f, stride_in_row, stride_out_f, stride_out_row, store_n, iters, minus_i,
+    RETRACTION: tl.constexpr, CORRECTION_ITERS: tl.constexpr,
+    R_PAD: tl.constexpr, BK: tl.constexpr,
 ):
     """Grid ``(F,)``. Inputs ``K, G, H`` at ``ptr + f * stride_in_f + i * stride_in_row + j``,
-    outputs likewise with the ``out`` strides. ``RETRACTION`` is :data:`CAYLEY_FP` (``ITERS`` =
-    fixed-point iterations) or :data:`NEWTON_SCHULZ` (``ITERS`` = steps)."""
+    outputs likewise with the ``out`` strides. ``RETRACTION`` is :data:`CAYLEY_FP` (``iters`` =
+    fixed-point iterations) or :data:`NEWTON_SCHULZ` (``iters`` = steps); ``iters`` and
+    ``minus_i`` (1.0: store ``C - I``, else 0.0) are runtime values, and no integer argument is
+    specialized, so one kernel per ``(RETRACTION, R_PAD)`` serves every call."""
     f = tl.program_id(0).to(tl.int64)
     rr = tl.arange(0, R_PAD)
     in_r = rr < r
@@ -110,7 +115,7 @@ def small_step_kernel(
         c_out = eye + t * sg
         e_out = -t * eye
         half_t = 0.5 * t
-        for _ in tl.static_range(ITERS):
+        for _it in range(iters):
             u_top = eye + c_out
             pu = _mm(p, u_top, scratch, R_PAD, BK) + _mm(q, e_out, scratch, R_PAD, BK)
             ku = _mm(k, u_top, scratch, R_PAD, BK) + _mm(g, e_out, scratch, R_PAD, BK)
@@ -124,7 +129,7 @@ def small_step_kernel(
             + (lr * lr) * h
         bound = tl.max(tl.sum(tl.abs(m), axis=1), axis=0)
         s = tl.sqrt(tl.minimum(2.5 / bound, 1.0)) * eye
-        for _ in tl.static_range(ITERS):
+        for _it in range(iters):
             sms = _mm(_mm(tl.trans(s), m, scratch, R_PAD, BK), s, scratch, R_PAD, BK)
             s = 0.5 * _mm(s, 3.0 * eye - sms, scratch, R_PAD, BK)
         c_out = _mm(c0, s, scratch, R_PAD, BK)
@@ -152,8 +157,7 @@ def small_step_kernel(
         c_out = _mm(c_out, s, scratch, R_PAD, BK)
         e_out = _mm(e_out, s, scratch, R_PAD, BK)
 
-    if C_MINUS_I:
-        c_out = c_out - eye
+    c_out = c_out - minus_i * eye  # exact: minus_i is 0.0 or 1.0
     out_mask = (rr < store_n)[:, None] & (rr < store_n)[None, :]
     out_offs = f * stride_out_f + rr[:, None] * stride_out_row + rr[None, :]
     tl.store(c_ptr + out_offs, c_out, mask=out_mask)
