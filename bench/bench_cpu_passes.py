@@ -8,6 +8,8 @@ Not a test. For each config and thread count, medians over ``--rounds`` of:
   transposes of a wide factor);
 * ``native pass 1`` / ``native pass 2``: ``cpu_fused.pass1`` / ``cpu_fused.pass2``;
 * ``r x r``: ``gram.step_coefficients`` (cayley_fp) on the same Gram matrices, for scale;
+* ``torch backend step``: ``backends.torch_backend.step`` (the whole step as it is now);
+* ``native step``: ``cpu_fused.pass1`` + ``gram.step_coefficients`` + ``cpu_fused.pass2``;
 * ``fused AdamW``: ``torch.optim.AdamW(fused=True).step()`` on the same parameters, for scale.
 
     python bench/bench_cpu_passes.py                 # LoRA r=16 and GPT-2 QK, 1 and 2 threads
@@ -22,7 +24,7 @@ import time
 import torch
 
 from stiefel_kernels import cpu_fused, geometry, gram
-from stiefel_kernels.backends import StiefelHyperparams, bias_corrections
+from stiefel_kernels.backends import StiefelHyperparams, bias_corrections, get_backend
 
 CONFIGS = {
     "lora_r16": ("LoRA r=16: 64 factors 16 x 4096", (16, 4096), 64),
@@ -95,6 +97,16 @@ def run(name, threads, rounds, dtype):
     res["native pass 2"] = median_ms(lambda: cpu_fused.pass2(ps, ms, vs, bc, c, e, HP), rounds)
     res["r x r (cayley_fp)"] = median_ms(
         lambda: gram.step_coefficients(k, g, h, HP.lr, HP.retraction, tol=HP.drift_tol), rounds)
+    backend = get_backend("torch")
+    res["torch backend step"] = median_ms(
+        lambda: backend.step(ps, gs, ms, vs, None, steps, HP), rounds)
+
+    def native_step():
+        grams = cpu_fused.pass1(ps, gs, ms, vs, None, bc, HP)
+        kk, gg, hh = grams.unbind(-3)
+        cc, ee, _ = gram.step_coefficients(kk, gg, hh, HP.lr, HP.retraction, tol=HP.drift_tol)
+        cpu_fused.pass2(ps, ms, vs, bc, cc, ee, HP)
+    res["native step"] = median_ms(native_step, rounds)
     params = [p.clone().requires_grad_() for p in ps]
     for p, gr in zip(params, gs):
         p.grad = gr.clone()
@@ -115,8 +127,8 @@ def main():
     print(f"torch {torch.__version__}, native passes available: {cpu_fused.available()}, "
           f"params {args.dtype}, medians of {args.rounds} rounds (ms)\n")
     print("| config | threads | torch pass 1 | native pass 1 | speed-up | torch pass 2 | native pass 2 "
-          "| speed-up | r x r (cayley_fp) | fused AdamW (same params) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| speed-up | r x r (cayley_fp) | torch backend step | native step | fused AdamW (same params) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.configs:
         for threads in args.threads:
             label, res = run(name, threads, args.rounds, dtype)
@@ -124,7 +136,8 @@ def main():
             t2, n2 = res["torch pass 2"], res["native pass 2"]
             adamw = res.get("fused AdamW (same params)", float("nan"))
             print(f"| {label} | {threads} | {t1:.2f} | {n1:.2f} | {t1 / n1:.1f}x | {t2:.2f} | {n2:.2f} "
-                  f"| {t2 / n2:.1f}x | {res['r x r (cayley_fp)']:.2f} | {adamw:.2f} |", flush=True)
+                  f"| {t2 / n2:.1f}x | {res['r x r (cayley_fp)']:.2f} | {res['torch backend step']:.2f} "
+                  f"| {res['native step']:.2f} | {adamw:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
