@@ -50,9 +50,7 @@ __all__ = ["available", "unsupported_reason", "bias_correction_tensor", "pass1",
 _OPS = torch.ops.stiefel_kernels
 
 
-def available() -> bool:
-    """True when the native CPU kernels of the two passes are loaded (``stiefel_kernels._C``
-    built with ``csrc/fused_step_cpu.cpp``); otherwise the ops run their pure-torch default."""
+def _probe() -> bool:
     if not _native.available:
         return False
     try:
@@ -60,6 +58,17 @@ def available() -> bool:
             "stiefel_kernels::stiefel_adamw_pass1", "CPU")
     except Exception:  # pragma: no cover - private API changed
         return False
+
+
+#: probed once, at import (after stiefel_kernels._C registered its kernels): a plain bool that
+#: torch.compile reads as a constant (the dispatcher query itself would break its graph)
+_AVAILABLE = _probe()
+
+
+def available() -> bool:
+    """True when the native CPU kernels of the two passes are loaded (``stiefel_kernels._C``
+    built with ``csrc/fused_step_cpu.cpp``); otherwise the ops run their pure-torch default."""
+    return _AVAILABLE
 
 
 def _unit_stride_axis(t: Tensor, rows: bool) -> set[str]:

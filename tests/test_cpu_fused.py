@@ -18,6 +18,7 @@ pytest.importorskip("stiefel_kernels._C", reason="native extension stiefel_kerne
 
 from stiefel_kernels import cpu_fused, gram  # noqa: E402
 from stiefel_kernels.backends import StiefelHyperparams, bias_corrections, get_backend  # noqa: E402
+from stiefel_kernels.backends import torch_backend  # noqa: E402
 from stiefel_kernels.geometry import is_row_orthonormal  # noqa: E402
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
@@ -289,7 +290,7 @@ def test_whole_step_matches_torch_backend(gen, shape, dtype, amsgrad):
     ps, gs, ms, vs, maxs = make_bucket(gen, shape, count, dtype, amsgrad=amsgrad)
     steps = [torch.tensor(float(t)) for t in (0, 3, 10)]
     ref = (clone(ps), clone(ms), clone(vs), clone(maxs), [s.clone() for s in steps])
-    get_backend("torch").step(ref[0], gs, ref[1], ref[2], ref[3], ref[4], hp)
+    torch_backend.step(ref[0], gs, ref[1], ref[2], ref[3], ref[4], hp, native_passes=False)
 
     torch._foreach_add_(steps, 1)
     bc1, bc2 = bias_corrections(steps, hp.beta1, hp.beta2)
@@ -305,6 +306,33 @@ def test_whole_step_matches_torch_backend(gen, shape, dtype, amsgrad):
     bound = RTOL_BF16_PARAM if dtype == BF16 else RTOL[work]
     for a, b in zip(ps, ref[0]):
         assert rel(a, b) < bound
+
+
+@pytest.mark.parametrize("retraction", ["cayley_fp", "polar"])
+def test_torch_backend_takes_the_native_passes_on_cpu(gen, monkeypatch, retraction):
+    """The torch backend's default step on CPU tensors goes through the native passes (one
+    pass-1 call per bucket) and equals its pure-torch formulation (``native_passes=False``)
+    over several steps; a gradient of another dtype than its parameter takes the fallback."""
+    calls = []
+    real = cpu_fused.pass1
+    monkeypatch.setattr(cpu_fused, "pass1", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hp = hyper(retraction=retraction)
+    shapes = [(16, 300), (16, 300), (40, 9), (2, 5, 70)]
+    ps = [p for s in shapes for p in make_bucket(gen, s, 1, F32)[0]]
+    qs = clone(ps)
+    st_n = ([torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps], None,
+            [torch.tensor(0.0) for _ in ps])
+    st_t = tuple(None if x is None else clone(x) for x in st_n)
+    for _ in range(4):
+        gs = [torch.randn(p.shape, generator=gen) for p in ps]
+        torch_backend.step(ps, gs, *st_n, hp)
+        torch_backend.step(qs, gs, *st_t, hp, native_passes=False)
+    assert len(calls) == 4 * 3  # three buckets
+    for a, b in zip(ps, qs):
+        assert rel(a, b) < RTOL[F32]
+    calls.clear()
+    torch_backend.step(ps, [g.double() for g in gs], *st_n, hp)  # float64 grads: fallback
+    assert calls == []
 
 
 def test_empty_lists():

@@ -9,6 +9,11 @@ device: :mod:`stiefel_kernels._buckets`) of a parameter group:
    retraction, and the orthonormality correction where the retraction needs one);
 4. pass 2: ``Y = X C + D E`` and one ``_foreach_copy_`` back into the parameters.
 
+On the CPU, when the native extension has them, steps 1-2 and 4 of each bucket are the native
+ops ``stiefel_kernels::stiefel_adamw_pass1`` / ``pass2`` (:mod:`stiefel_kernels.cpu_fused`:
+in place, both orientations by strides, nothing stacked, the same bits at any thread count);
+the pure-torch formulation stays the portable fallback and their test reference.
+
 No host synchronization: bias corrections are computed on the device from the step counters
 (:func:`~stiefel_kernels.backends.bias_correction_tensor`), factorization failures stay on the
 device as a count.
@@ -18,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _buckets, distributed, geometry, gram
+from .. import _buckets, cpu_fused, distributed, geometry, gram
 from . import FunctionBackend, StiefelHyperparams, bias_correction_tensor, state_dtype
 
 name = "torch"
@@ -28,11 +33,32 @@ def unsupported_reason(param: Tensor) -> str | None:
     return None
 
 
+def _native_bucket(ps, gs, ms, vs, maxs, steps, hp: StiefelHyperparams, rows: bool, sharding) -> Tensor:
+    """One bucket through the native CPU passes; returns its failure count."""
+    torch._foreach_add_(steps, 1)
+    bc = bias_correction_tensor(steps, hp.beta1, hp.beta2, ps[0].device, dtype=torch.float64)
+    k, g, h = cpu_fused.pass1(ps, gs, ms, vs, maxs, bc, hp, row_orthonormal=rows).unbind(-3)
+    if sharding is not None:  # sharded factors: one all-reduce per bucket
+        k, g, h = sharding.reduce_grams(k, g, h)
+    c, e, info = gram.step_coefficients(
+        k, g, h, hp.lr, hp.retraction, tol=hp.drift_tol, cayley_iters=hp.cayley_iters,
+        ns_steps=hp.ns_steps)
+    cpu_fused.pass2(ps, ms, maxs if hp.amsgrad else vs, bc, c, e, hp, row_orthonormal=rows)
+    return (info != 0).sum()
+
+
 @torch.no_grad()
 def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
          exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
-         state_steps: list[Tensor], hp: StiefelHyperparams, *, sharding=None) -> Tensor | None:
-    """``sharding`` (set by :func:`stiefel_kernels.distributed.sharded_step`, which takes over
+         state_steps: list[Tensor], hp: StiefelHyperparams, *, sharding=None,
+         native_passes: bool = True) -> Tensor | None:
+    """On the CPU, where the native extension has them (:mod:`stiefel_kernels.cpu_fused`), each
+    bucket's two streaming passes run as the native ops ``stiefel_kernels::stiefel_adamw_pass1``
+    / ``pass2`` (in place, nothing stacked); elsewhere, or with ``native_passes=False``, the
+    pure-torch formulation below (the portable fallback, and what the native passes are tested
+    against).
+
+    ``sharding`` (set by :func:`stiefel_kernels.distributed.sharded_step`, which takes over
     when ``params`` holds DTensors): the tensors are local shards of one bucket; it gives their
     orientation (``row_orthonormal``) and sums ``(K, G, H)`` over the shards (``reduce_grams``)."""
     if sharding is None and distributed.has_dtensor(params):
@@ -44,6 +70,15 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         ms = [exp_avgs[i] for i in idx]
         vs = [exp_avg_sqs[i] for i in idx]
         steps = [state_steps[i] for i in idx]
+        rows = geometry.is_row_orthonormal(ps[0].shape) if sharding is None else sharding.row_orthonormal
+        if native_passes:
+            g_in = [grads[i] for i in idx]
+            maxs = [max_exp_avg_sqs[i] for i in idx] if hp.amsgrad else []
+            if (all(g.dtype == ps[0].dtype for g in g_in)
+                    and cpu_fused.unsupported_reason(ps, g_in, ms, vs, maxs, row_orthonormal=rows) is None):
+                count = _native_bucket(ps, g_in, ms, vs, maxs, steps, hp, rows, sharding)
+                failures = count if failures is None else failures + count
+                continue
         work = state_dtype(ps[0])
         gs = [grads[i].to(work) for i in idx]
         if hp.maximize:
@@ -62,7 +97,6 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         bc1, bc2_sqrt = bias_correction_tensor(steps, hp.beta1, hp.beta2, m.device,
                                                dtype=m.dtype).view(2, -1, *([1] * (m.dim() - 1)))
         d = (m / bc1) / (torch.stack(vs).sqrt() / bc2_sqrt + hp.eps)
-        rows = geometry.is_row_orthonormal(ps[0].shape) if sharding is None else sharding.row_orthonormal
         x = torch.stack(ps).to(work)
         x, d = (x.mT, d.mT) if rows else (x, d)  # column form
 
