@@ -90,3 +90,24 @@ def test_cayley_coefficients_match_dense_formulas(gen, retraction):
         for _ in range(3):
             want = e1 + 0.5 * amat @ (e1 + want)
     assert rel(torch.cat([c, e], dim=-2), want) < 1e-10
+
+
+@pytest.mark.parametrize("drift", [1e-7, 1e-4, 3e-3, 1e-2, 0.05, 0.1, 0.3])
+@pytest.mark.parametrize("r", [1, 16, 64])
+def test_correction_iters_for_reach_float64_rounding(gen, drift, r):
+    """The Newton–Schulz steps the CPU correction takes for a drift (``correction_iters_for``)
+    bring a symmetric ``M = I + A``, ``||A||_F = drift``, to ``||X M X - I||_F`` at float64
+    rounding: fewer steps would leave more (checked one step short where it matters)."""
+    a = torch.randn(r, r, generator=gen, dtype=torch.float64)
+    a = a + a.mT
+    m = torch.eye(r, dtype=torch.float64) + a / torch.linalg.matrix_norm(a) * drift
+    steps = gram.correction_iters_for(drift)
+
+    def residual(k):
+        z, c = smallmat.newton_schulz_inv_sqrt(m, k)
+        x = z * c.rsqrt()
+        return float(torch.linalg.matrix_norm(x @ m @ x - torch.eye(r, dtype=torch.float64)))
+
+    assert residual(steps) < 1e-12
+    if drift >= 1e-2 and r > 1:
+        assert residual(steps - 2) > 1e-12  # the mapping is not loose by two steps
