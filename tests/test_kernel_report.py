@@ -48,6 +48,7 @@ def report(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # the report's ~150 compiles: ~90 s cold, ~5 s with Triton's cache
 def test_every_config_compiles_without_spills_within_shared_memory(report):
     rows = report["rows"]
     assert report["meta"]["max_rank"] == tb.MAX_RANK
@@ -72,6 +73,7 @@ def test_every_config_compiles_without_spills_within_shared_memory(report):
     assert small == {r for r in r_pads if r <= max(16, launch.next_pow2(launch.SMALL_STEP_MAX_RANK))}
 
 
+@pytest.mark.slow  # the report's ~150 compiles: ~90 s cold, ~5 s with Triton's cache
 def test_aligned_buckets_use_wider_accesses(report):
     """Each aligned kernel (``ALIGNED > 0``) has more vector loads (v4 / v2, 16- / 8-byte
     ``cp.async``) than its unaligned twin and no fewer vector stores; 16-byte loads and stores
