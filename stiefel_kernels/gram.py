@@ -303,6 +303,8 @@ def _correction_or_none(k: Tensor, g: Tensor, h: Tensor, c: Tensor, e: Tensor, t
     if not _host_branch_is_free(k):
         z, scale = smallmat.newton_schulz_inv_sqrt(m, iters)
         return torch.where(fire[..., None, None], z * scale.rsqrt(), eye)
+    if drift.numel() == 0:  # no factor here (an empty shard's stack)
+        return None
     iters = min(iters, correction_iters_for(float(drift.max())))
     if fire.dim() == 0:
         if not bool(fire):

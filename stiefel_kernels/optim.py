@@ -549,7 +549,21 @@ class StiefelAdamW(Optimizer):
     def _states(self, group: dict[str, Any], prep: _Prepared, fused: bool = False) -> list[dict[str, Any]]:
         if prep.states is not None:
             return prep.states
-        return [self._init_state(group, p, fused) for p in prep.params]
+        new = [p for p in prep.params if not self.state.get(p)]
+        states = [self._init_state(group, p, fused) for p in prep.params]
+        if group["stiefel"] and len(new) == len(prep.params) > 1:
+            # Factors that start together get their step counters as the elements of one
+            # buffer per device (in order): a backend then advances them with one add and reads
+            # them without a stack (backends.advance_steps). Each counter is still a 0-dim
+            # tensor of its own in the state (a view), saved and loaded as usual.
+            by_device: dict[torch.device, list[dict[str, Any]]] = {}
+            for st in states:
+                by_device.setdefault(st["step"].device, []).append(st)
+            for device, sts in by_device.items():
+                buf = torch.zeros(len(sts), dtype=torch.float32, device=device)
+                for i, st in enumerate(sts):
+                    st["step"] = buf[i]
+        return states
 
     def _step_euclidean(self, group: dict[str, Any], prep: _Prepared) -> None:
         params, grads = prep.params, prep.grads

@@ -2,6 +2,7 @@
 only for the very same memory, step counters and bias corrections on the factors' device, the
 torch backend's step under ``torch.compile(fullgraph=True)``, and (on a GPU) the whole step
 captured in a CUDA graph and replayed against eager steps. Tolerances: tests/README.md."""
+import copy
 import os
 
 import torch
@@ -58,6 +59,41 @@ def test_stiefel_step_counters_follow_the_factor_and_survive_load_state_dict(gen
     twin = StiefelAdamW([{"params": [a], "stiefel": True}, {"params": [b]}], lr=1e-2, backend="torch")
     twin.load_state_dict(saved)
     assert twin.state[a]["step"].device == a.device and float(twin.state[a]["step"]) == 1.0
+
+
+def test_counters_of_factors_that_start_together_share_one_buffer(gen, monkeypatch):
+    """A Stiefel group's first step makes its counters the elements of one buffer, which the
+    backend advances with one add (no foreach, no stack); after a state_dict round trip into
+    separate tensors the step is the same (foreach fallback)."""
+    ps = [torch.nn.Parameter(random_stiefel(3, 20, generator=gen)) for _ in range(4)]
+    opt = StiefelAdamW([{"params": ps, "stiefel": True}], lr=1e-2, backend="torch")
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    steps = [opt.state[p]["step"] for p in ps]
+    base = steps[0]._base
+    assert base is not None and all(s._base is base for s in steps) and base.shape == (4,)
+    twin_ps = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    twin = StiefelAdamW([{"params": twin_ps, "stiefel": True}], lr=1e-2, backend="torch")
+    saved = copy.deepcopy(opt.state_dict())  # load_state_dict shares the tensors it is given
+    saved["state"] = {k: {**v, "step": v["step"].clone()} for k, v in saved["state"].items()}
+    twin.load_state_dict(saved)
+    assert twin.state[twin_ps[0]]["step"]._base is None  # separate counters now
+    foreach_calls = []
+    real = torch._foreach_add_
+    monkeypatch.setattr(torch, "_foreach_add_", lambda *a, **k: foreach_calls.append(1) or real(*a, **k))
+    for _ in range(2):
+        for p, q in zip(ps, twin_ps):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        assert len(foreach_calls) == 0
+        twin.step()
+        assert len(foreach_calls) > 0
+        foreach_calls.clear()
+    for p, q in zip(ps, twin_ps):
+        assert torch.equal(p, q)
+    assert [float(s) for s in steps] == [3.0] * 4 and float(base.sum()) == 12.0
 
 
 pytest.importorskip("triton")

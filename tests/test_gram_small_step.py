@@ -111,3 +111,11 @@ def test_correction_iters_for_reach_float64_rounding(gen, drift, r):
     assert residual(steps) < 1e-12
     if drift >= 1e-2 and r > 1:
         assert residual(steps - 2) > 1e-12  # the mapping is not loose by two steps
+
+
+def test_step_coefficients_of_an_empty_batch():
+    """A rank whose shard holds no matrix of a stack steps an empty batch: nothing to correct,
+    empty coefficients (the drift of no factor is not a host value to read)."""
+    k = torch.zeros(0, 4, 4)
+    c, e, info = gram.step_coefficients(k, k.clone(), k.clone(), 1e-2, "cayley_fp", tol=1e-6)
+    assert c.shape == e.shape == (0, 4, 4) and info.shape == (0,)

@@ -179,14 +179,34 @@ def bias_corrections(state_steps: list[Tensor], beta1: float, beta2: float) -> t
 _REPEAT_INDEX: dict = {}
 
 
-def bias_correction_tensor(state_steps: list[Tensor], beta1: float, beta2: float,
+def advance_steps(state_steps: list[Tensor]) -> Tensor:
+    """Add one to every step counter; returns the counters as one ``(F,)`` tensor.
+
+    Counters that are, in order, the elements of one 1-D buffer (``StiefelAdamW`` creates the
+    counters of factors that start together so) take one in-place add on the buffer, which is
+    also the result; any others take ``torch._foreach_add_`` and a ``stack`` (a loop of ``F``
+    adds on the CPU, two launches on a GPU)."""
+    base = state_steps[0]._base
+    if (base is not None and not torch.compiler.is_compiling() and base.dim() == 1
+            and base.numel() == len(state_steps) and base.is_contiguous()
+            and all(s._base is base for s in state_steps)
+            and tuple(map(Tensor.storage_offset, state_steps)) == tuple(range(len(state_steps)))):
+        base.add_(1)
+        return base
+    torch._foreach_add_(state_steps, 1)
+    return torch.stack(state_steps)
+
+
+def bias_correction_tensor(state_steps: list[Tensor] | Tensor, beta1: float, beta2: float,
                            device: torch.device, repeats: tuple[int, ...] | None = None,
                            dtype: torch.dtype = torch.float32) -> Tensor:
     """``(2, F)`` of ``dtype`` on ``device``: ``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` per factor,
     computed in float64 (as :func:`bias_corrections` does) from the step counters where they
-    live: no host sync and, for counters on ``device``, no host-to-device copy (a capturable
+    live (a list of 0-dim counters, or their ``(F,)`` values as :func:`advance_steps` returns
+    them): no host sync and, for counters on ``device``, no host-to-device copy (a capturable
     step). ``repeats[i]`` (a stack of matrices) repeats factor ``i``'s column that many times."""
-    t = torch.stack(state_steps).to(device=device, dtype=torch.float64, non_blocking=True)
+    t = state_steps if isinstance(state_steps, Tensor) else torch.stack(state_steps)
+    t = t.to(device=device, dtype=torch.float64, non_blocking=True)
     bc = torch.stack((1.0 - torch.pow(beta1, t), torch.sqrt(1.0 - torch.pow(beta2, t)))).to(dtype)
     if repeats is not None and any(k != 1 for k in repeats):
         key = (repeats, device)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _buckets, cpu_fused, distributed, geometry, gram
-from . import FunctionBackend, StiefelHyperparams, bias_correction_tensor, state_dtype
+from . import FunctionBackend, StiefelHyperparams, advance_steps, bias_correction_tensor, state_dtype
 
 name = "torch"
 
@@ -35,8 +35,8 @@ def unsupported_reason(param: Tensor) -> str | None:
 
 def _native_bucket(ps, gs, ms, vs, maxs, steps, hp: StiefelHyperparams, rows: bool, sharding) -> Tensor:
     """One bucket through the native CPU passes; returns its failure count."""
-    torch._foreach_add_(steps, 1)
-    bc = bias_correction_tensor(steps, hp.beta1, hp.beta2, ps[0].device, dtype=torch.float64)
+    bc = bias_correction_tensor(advance_steps(steps), hp.beta1, hp.beta2, ps[0].device,
+                                dtype=torch.float64)
     k, g, h = cpu_fused.pass1(ps, gs, ms, vs, maxs, bc, hp, row_orthonormal=rows).unbind(-3)
     if sharding is not None:  # sharded factors: one all-reduce per bucket
         k, g, h = sharding.reduce_grams(k, g, h)
@@ -84,7 +84,7 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         if hp.maximize:
             gs = torch._foreach_neg(gs)
 
-        torch._foreach_add_(steps, 1)
+        t = advance_steps(steps)
         torch._foreach_lerp_(ms, gs, 1 - hp.beta1)
         torch._foreach_mul_(vs, hp.beta2)
         torch._foreach_addcmul_(vs, gs, gs, 1 - hp.beta2)
@@ -94,7 +94,7 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
             vs = maxs
 
         m = torch.stack(ms)
-        bc1, bc2_sqrt = bias_correction_tensor(steps, hp.beta1, hp.beta2, m.device,
+        bc1, bc2_sqrt = bias_correction_tensor(t, hp.beta1, hp.beta2, m.device,
                                                dtype=m.dtype).view(2, -1, *([1] * (m.dim() - 1)))
         d = (m / bc1) / (torch.stack(vs).sqrt() / bc2_sqrt + hp.eps)
         x = torch.stack(ps).to(work)

@@ -56,7 +56,8 @@ from ..kernels.launch import (  # noqa: F401  (re-exported: tests and benchmarks
     DOT_PRECISION, GRAD_DTYPES as _GRAD_DTYPES, MAX_CHUNK_ROWS, PARAM_DTYPES as _PARAM_DTYPES,
     SMALL_STEP_MAX_RANK, SMALL_STEP_TRITON, TILES, launch_config, next_pow2 as _next_pow2,
     orientation as _orientation, pass1, pass2, pointer_array, small_step, small_step_launch)
-from . import FunctionBackend, StiefelHyperparams, bias_correction_tensor, state_dtype
+from . import (FunctionBackend, StiefelHyperparams, advance_steps, bias_correction_tensor,
+               state_dtype)
 
 name = "triton"
 
@@ -324,8 +325,7 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
             ps, gs, ms, vs, steps = ([ts[i] for i in idx] for ts in
                                      (staged[0], grads, staged[1], staged[2], state_steps))
             xs = [staged[3][i] for i in idx] if hp.amsgrad else []
-        torch._foreach_add_(steps, 1)
-        bc = bias_correction_tensor(steps, hp.beta1, hp.beta2, device, repeats)
+        bc = bias_correction_tensor(advance_steps(steps), hp.beta1, hp.beta2, device, repeats)
         # the custom op is what torch.compile sees; eager calls skip its dispatch (it bumps
         # the version counter of every tensor argument: ~1 ms for 256 factors)
         run = _group_step if compiling else _group_step_impl
