@@ -119,8 +119,16 @@ fi
 stage rest of the suite
 { echo; echo "## the rest of the suite"
   within 150 python -m pytest tests -q -rs -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
-    --deselect tests/test_triton_backend.py --deselect tests/test_triton_small_step.py
+    --deselect tests/test_triton_backend.py --deselect tests/test_triton_small_step.py \
+    --ignore=tests/test_kernel_report.py
 } >> "$out/tests.log" 2>&1 || status=1
+
+# the ahead-of-time kernel report with this machine's Triton (3.6 on the lent machines; the
+# report was written against 3.9's binder: a failure here says the report needs porting)
+stage kernel report
+{ echo; echo "## bench/kernel_report.py --check with this machine's Triton"
+  within 120 python bench/kernel_report.py --check --jobs 8
+} >> "$out/profile.txt" 2>&1 || status=1
 tail -n 8 "$out/tests.log"
 stage "done (status $status)"
 exit $status
