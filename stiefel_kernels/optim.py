@@ -41,9 +41,11 @@ __all__ = ["StiefelAdamW", "default_ortho_tol", "default_drift_tol", "euclidean_
 
 #: every option of a group (the constructor's keyword arguments)
 _OPTION_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "stiefel", "retraction",
-                "cayley_iters", "ns_steps", "drift_tol", "ortho_tol", "backend", "foreach", "fused")
+                "cayley_iters", "ns_steps", "drift_tol", "ortho_tol", "backend", "foreach", "fused",
+                "master_weights")
 
-_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
+_HALF = (torch.bfloat16, torch.float16)
 _REQUIRED_STATE = ("step", "exp_avg", "exp_avg_sq")  # max_exp_avg_sq is created when missing
 
 
@@ -167,6 +169,14 @@ class StiefelAdamW(Optimizer):
             floating dtypes; not DTensors), else torch's own default. Fused AdamW equals the
             foreach/for-loop AdamW within rounding: pass ``foreach=True`` (or ``False``) for
             those bit for bit.
+        master_weights: Stiefel groups (ignored by Euclidean groups as a default; set in a
+            Euclidean group's dict it raises). Each bfloat16/float16 factor gets a float32 copy in
+            its state (``"master"``, made from the factor at its first step, saved and loaded
+            with ``state_dict``, a DTensor sharded like the factor): the step retracts the
+            copy, which stays orthonormal to float32 accuracy (<= 1e-5), and writes its
+            rounding to the factor. Costs 4 bytes per element. Without it a half-precision
+            factor is orthonormal only to its own rounding (~1e-2). Other factors of the group
+            are stepped as usual.
 
     State per parameter (both kinds): ``step`` (float32 scalar tensor: on the parameter's device
     for Stiefel factors and fused Euclidean groups, else on the CPU, as torch), ``exp_avg``,
@@ -211,12 +221,13 @@ class StiefelAdamW(Optimizer):
         backend: str = "auto",
         foreach: bool | None = None,
         fused: bool | None = None,
+        master_weights: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, stiefel=stiefel, retraction=retraction, cayley_iters=cayley_iters,
             ns_steps=ns_steps, drift_tol=drift_tol, ortho_tol=ortho_tol, backend=backend,
-            foreach=foreach, fused=fused,
+            foreach=foreach, fused=fused, master_weights=master_weights,
         )
         self._validate_options(defaults, where="StiefelAdamW")
         self._retraction_failures: Tensor | None = None
@@ -234,6 +245,8 @@ class StiefelAdamW(Optimizer):
         super().__setstate__(state)
         # torch.optim pickles only defaults/state/param_groups: restore the caches
         self.__dict__.setdefault("_resolved_backends", {})
+        for group in self.param_groups:  # pickled before the option existed
+            group.setdefault("master_weights", False)
         self._retraction_failures = failures
 
     # ------------------------------------------------------------------ validation
@@ -275,6 +288,9 @@ class StiefelAdamW(Optimizer):
                 backends.get_backend(name)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
+        mw = group["master_weights"]
+        if not isinstance(mw, bool):
+            raise ValueError(f"{where}: master_weights must be True or False, got {mw!r}")
         if group["fused"] and group["stiefel"]:
             raise ValueError(f"{where}: fused=True applies to Euclidean groups only; a Stiefel group "
                              "uses its own backend (leave fused unset there)")
@@ -309,6 +325,10 @@ class StiefelAdamW(Optimizer):
             tensors = [p[1] if isinstance(p, tuple) else p for p in params]
             self._check_tensor_options({**merged, "params": [t for t in tensors if isinstance(t, Tensor)]},
                                        where)
+        if not merged["stiefel"] and param_group.get("master_weights"):
+            raise ValueError(f"{where}: master_weights=True applies to Stiefel groups only (a "
+                             "Euclidean group is torch's AdamW, which keeps no master copy; the "
+                             "constructor's default is ignored there)")
         if merged["stiefel"]:
             wd = param_group.get("weight_decay", 0.0)
             if wd:
@@ -492,9 +512,14 @@ class StiefelAdamW(Optimizer):
                 if tuple(map(_dtype, grads)) != dtypes:
                     return None
                 works = dtypes
-            keys = _STATE_KEYS if group["amsgrad"] else _STATE_KEYS[:2]
-            if not group["amsgrad"] and any("max_exp_avg_sq" in st for st in states):
-                return None  # checked (it must still fit) by the per-parameter loop
+            keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+            if group.get("master_weights", False):
+                if not set(dtypes) <= set(_HALF):
+                    return None  # a group mixing half and other factors: the per-parameter loop
+                keys.append("master")
+            for extra in ("max_exp_avg_sq", "master"):
+                if extra not in keys and any(extra in st for st in states):
+                    return None  # checked (it must still fit) by the per-parameter loop
             for key in keys:
                 ts = [st.get(key) for st in states]
                 if (tuple(map(_shape, ts)) != shapes or tuple(map(_dtype, ts)) != works
@@ -551,6 +576,10 @@ class StiefelAdamW(Optimizer):
             return prep.states
         new = [p for p in prep.params if not self.state.get(p)]
         states = [self._init_state(group, p, fused) for p in prep.params]
+        if group.get("master_weights", False):  # made from the factor at its first step with it
+            for p, st in zip(prep.params, states):
+                if p.dtype in _HALF and "master" not in st:
+                    st["master"] = p.detach().to(torch.float32, copy=True)
         if group["stiefel"] and len(new) == len(prep.params) > 1:
             # Factors that start together get their step counters as the elements of one
             # buffer per device (in order): a backend then advances them with one add and reads
@@ -613,11 +642,17 @@ class StiefelAdamW(Optimizer):
                 amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),
                 retraction=canonical_retraction(group["retraction"]),
                 cayley_iters=group["cayley_iters"], ns_steps=group["ns_steps"], drift_tol=float(dtol))
+            halves = None
+            if group.get("master_weights", False):
+                halves = [(p, st["master"]) for p, st in zip(params, states) if p.dtype in _HALF]
+                params = [st["master"] if p.dtype in _HALF else p for p, st in zip(params, states)]
             failures = backends.get_backend(name).step(
                 params, grads, [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
                 [s["step"] for s in states], hp)
+            if halves:  # the factors take their master copy's rounding
+                torch._foreach_copy_([p for p, _ in halves], [m for _, m in halves])
             if failures is not None:  # stays on the device: read only by retraction_failures
                 self._retraction_failures = (failures if self._retraction_failures is None
                                              else self._retraction_failures + failures)
