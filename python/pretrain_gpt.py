@@ -103,6 +103,9 @@ def train(name: str, model, train_data, val_data, args, device) -> dict:
         if args.eval_every and step % args.eval_every == 0 and step > 0:
             hist["val_step"].append(step)
             hist["val"].append(estimate_loss(model, val_data, args, device, args.seed + 2))
+            # the optimizer's own telemetry: a device tensor, read only here (no sync in step)
+            err = opt.orthogonality_error() if hasattr(opt, "orthogonality_error") else None
+            hist.setdefault("ortho_log", []).append(None if err is None else float(err))
         x, y = _data.get_batch(train_data, args.batch_size, args.block_size, g, device)
         sync(device)
         t0 = time.perf_counter()
@@ -125,6 +128,10 @@ def train(name: str, model, train_data, val_data, args, device) -> dict:
     hist["train_eval"] = estimate_loss(model, train_data, args, device, args.seed + 3)
     wq = stiefel_parameters(model)
     hist["ortho"] = max(float(orthogonality_error(p).max()) for p in wq) if wq else float("nan")
+    logged = [e for e in hist.get("ortho_log", []) if e is not None]
+    if logged:
+        print(f"{LABELS[name]}: max ||X^T X - I||_F logged by opt.orthogonality_error() at "
+              f"{len(logged)} evaluations: {max(logged):.2e}", flush=True)
     return hist
 
 

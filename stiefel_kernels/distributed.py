@@ -183,10 +183,15 @@ def _local_slice(full: Tensor, like: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------- steps
+def _telemetry_kw(telemetry: list | None) -> dict:
+    """Pass ``telemetry`` on only when asked for (a step function need not take it)."""
+    return {} if telemetry is None else {"telemetry": telemetry}
+
+
 def gathered_step(step_fn: Callable[..., Tensor | None], params: list[Tensor], grads: list[Tensor],
                   exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                   max_exp_avg_sqs: list[Tensor] | None, state_steps: list[Tensor],
-                  hp: Any) -> Tensor | None:
+                  hp: Any, telemetry: list | None = None) -> Tensor | None:
     """The fallback for any DTensor layout: gather parameters, gradients and moments with
     ``full_tensor()``, run ``step_fn`` on the full tensors (the same on every rank), and write each
     rank's slice back. Plain tensors in the lists pass through unchanged."""
@@ -200,7 +205,8 @@ def gathered_step(step_fn: Callable[..., Tensor | None], params: list[Tensor], g
     owned = [params, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if max_exp_avg_sqs is not None else [])
     fulls = [full(ts) for ts in owned]
     failures = step_fn(fulls[0], full(grads), fulls[1], fulls[2],
-                       fulls[3] if max_exp_avg_sqs is not None else None, state_steps, hp)
+                       fulls[3] if max_exp_avg_sqs is not None else None, state_steps, hp,
+                       **_telemetry_kw(telemetry))
     for ts, fs in zip(owned, fulls):
         for t, f in zip(ts, fs):
             if is_dtensor(t):
@@ -211,7 +217,7 @@ def gathered_step(step_fn: Callable[..., Tensor | None], params: list[Tensor], g
 def sharded_step(step_fn: Callable[..., Tensor | None], params: list[Tensor], grads: list[Tensor],
                  exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                  max_exp_avg_sqs: list[Tensor] | None, state_steps: list[Tensor],
-                 hp: Any) -> Tensor | None:
+                 hp: Any, telemetry: list | None = None) -> Tensor | None:
     """A Stiefel step over a list that holds DTensors, for a two-pass backend ``step_fn`` taking a
     ``sharding`` keyword (the ``torch`` backend).
 
@@ -234,10 +240,11 @@ def sharded_step(step_fn: Callable[..., Tensor | None], params: list[Tensor], gr
 
         ps, gs, ms, vs, mx, st = (sub(params), sub(grads), sub(exp_avgs), sub(exp_avg_sqs),
                                   sub(max_exp_avg_sqs), sub(state_steps))
+        kw = _telemetry_kw(telemetry)
         if layout is None:
-            count = step_fn(ps, gs, ms, vs, mx, st, hp)
+            count = step_fn(ps, gs, ms, vs, mx, st, hp, **kw)
         elif not layout.fast:
-            count = gathered_step(step_fn, ps, gs, ms, vs, mx, st, hp)
+            count = gathered_step(step_fn, ps, gs, ms, vs, mx, st, hp, **kw)
         else:
             count = step_fn(
                 [p.to_local() for p in ps],
@@ -245,7 +252,7 @@ def sharded_step(step_fn: Callable[..., Tensor | None], params: list[Tensor], gr
                 [_local(m, p, "exp_avg") for m, p in zip(ms, ps)],
                 [_local(v, p, "exp_avg_sq") for v, p in zip(vs, ps)],
                 None if mx is None else [_local(m, p, "max_exp_avg_sq") for m, p in zip(mx, ps)],
-                st, hp, sharding=layout)
+                st, hp, sharding=layout, **kw)
         if count is not None:
             failures = count if failures is None else failures + count
     return failures

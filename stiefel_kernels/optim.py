@@ -564,6 +564,7 @@ class StiefelAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         prepared = self._check_before_step()
+        self._orthogonality = []
         for group, prep in zip(self.param_groups, prepared):
             if group["stiefel"]:
                 self._step_stiefel(group, prep)
@@ -646,16 +647,39 @@ class StiefelAdamW(Optimizer):
             if group.get("master_weights", False):
                 halves = [(p, st["master"]) for p, st in zip(params, states) if p.dtype in _HALF]
                 params = [st["master"] if p.dtype in _HALF else p for p, st in zip(params, states)]
-            failures = backends.get_backend(name).step(
+            backend = backends.get_backend(name)
+            kw = {"telemetry": self._orthogonality} if getattr(backend, "reports_telemetry", False) else {}
+            failures = backend.step(
                 params, grads, [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
-                [s["step"] for s in states], hp)
+                [s["step"] for s in states], hp, **kw)
             if halves:  # the factors take their master copy's rounding
                 torch._foreach_copy_([p for p, _ in halves], [m for _, m in halves])
             if failures is not None:  # stays on the device: read only by retraction_failures
                 self._retraction_failures = (failures if self._retraction_failures is None
                                              else self._retraction_failures + failures)
+
+    def orthogonality_error(self) -> Tensor | None:
+        """Largest ``||X^T X - I||_F`` over the Stiefel factors that stepped at the last step, of
+        the points that step started from (read off the Gram matrix ``K = X^T X`` the step
+        computes anyway, before its orthonormality correction: a factor drifting from one step to
+        the next shows here). A 0-dim float32 tensor on the factors' device, so a training loop
+        can log it without a host sync in ``step``; ``None`` before the first step or when no
+        backend reported (a step inside ``torch.compile``d code). Under FSDP2 a factor sharded
+        along its long side reports its whole ``K`` (all-reduced) on every rank; a stack sharded
+        over its stack dims reports on each rank the matrices that rank holds, so for one global
+        number all-reduce the result with ``MAX``."""
+        errs = getattr(self, "_orthogonality", None)
+        if not errs:
+            return None
+        device = errs[0].device
+        return torch.stack([e.to(device) for e in errs]).amax()
+
+    def retraction_failure_count(self) -> Tensor | None:
+        """:attr:`retraction_failures` as a tensor on the device (no sync), or ``None`` before
+        any backend counted."""
+        return self._retraction_failures
 
     @property
     def retraction_failures(self) -> int:

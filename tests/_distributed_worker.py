@@ -162,6 +162,8 @@ def scenario_fsdp(rank, world, ckpt, **kw):
     opt = make_opt(model, **kw)
     train(model, opt, STEPS, rank, world)
     compare(model, single_process(STEPS, **kw))
+    err = opt.orthogonality_error()  # telemetry of the factors this rank stepped
+    assert err is not None and err.dim() == 0 and float(err) < 1e-4
 
 
 def scenario_fsdp_qr_amsgrad(rank, world, ckpt):

@@ -18,6 +18,8 @@ def test_pretrain_then_finetune_smoke(tmp_path, capsys):
         assert (tmp_path / "pre" / "pretrain_gpt.png").stat().st_size > 1000
         row = [l for l in out.splitlines() if l.startswith("| Stiefel-AdamW ")][0]
         assert float(row.split("|")[-2]) < 1e-4  # W_Q stays orthonormal
+        logged = [l for l in out.splitlines() if "logged by opt.orthogonality_error()" in l]
+        assert len(logged) == 1 and float(logged[0].split()[-1]) < 1e-4  # the telemetry, logged
 
         ft = load("finetune_lora")
         assert ft.main(["--smoke", "--init-from", str(ck), "--out-dir", str(tmp_path / "ft")]) == 0

@@ -62,6 +62,8 @@ class FunctionBackend:
     name: str
     unsupported_reason: Callable[[Tensor], "str | None"]
     step: Callable[..., "Tensor | None"]
+    #: ``step`` takes ``telemetry=`` (a list it appends the orthogonality errors of its input to)
+    reports_telemetry: bool = False
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -177,6 +179,16 @@ def bias_corrections(state_steps: list[Tensor], beta1: float, beta2: float) -> t
 
 
 _REPEAT_INDEX: dict = {}
+
+
+def gram_orthogonality_error(k: Tensor) -> Tensor | None:
+    """Largest ``||K - I||_F`` over a batch of Gram matrices ``K = X^T X`` (``(..., r, r)``): the
+    orthogonality error of the points a step starts from, read off the ``K`` the step computes
+    anyway (a 0-dim device tensor, no sync); ``None`` for an empty batch."""
+    if k.numel() == 0:
+        return None
+    eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+    return torch.linalg.matrix_norm(k - eye).amax().float()
 
 
 def advance_steps(state_steps: list[Tensor]) -> Tensor:

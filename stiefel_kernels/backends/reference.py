@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed, geometry
-from . import FunctionBackend, StiefelHyperparams, state_dtype
+from . import FunctionBackend, StiefelHyperparams, gram_orthogonality_error, state_dtype
 
 name = "reference"
 
@@ -66,10 +66,13 @@ def correct_orthonormality(y: Tensor, tol: float) -> Tensor:
 @torch.no_grad()
 def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
          exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
-         state_steps: list[Tensor], hp: StiefelHyperparams) -> Tensor | None:
+         state_steps: list[Tensor], hp: StiefelHyperparams, *,
+         telemetry: list | None = None) -> Tensor | None:
+    """``telemetry``: a list to which each factor's ``||X^T X - I||_F`` before its step is
+    appended (0-dim tensors)."""
     if distributed.has_dtensor(params):  # literal fallback: gather, step full tensors, keep slices
         return distributed.gathered_step(step, params, grads, exp_avgs, exp_avg_sqs,
-                                         max_exp_avg_sqs, state_steps, hp)
+                                         max_exp_avg_sqs, state_steps, hp, telemetry=telemetry)
     for i, p in enumerate(params):
         work = state_dtype(p)
         grad = grads[i].to(work)
@@ -88,6 +91,10 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         d = (m / bias_correction1) / (v.sqrt() / bias_correction2_sqrt + hp.eps)
 
         x = geometry.as_column_form(p).to(work)
+        if telemetry is not None:
+            err = gram_orthogonality_error(x.mT @ x)
+            if err is not None:
+                telemetry.append(err)
         eta = geometry.project_tangent(x, geometry.as_column_form(d))
         lr = geometry.cayley_step_size(x, eta, hp.lr) if hp.retraction == "cayley_fp" else hp.lr
         xi = -lr * eta
@@ -96,4 +103,4 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     return None
 
 
-BACKEND = FunctionBackend(name, unsupported_reason, step)
+BACKEND = FunctionBackend(name, unsupported_reason, step, reports_telemetry=True)

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from .. import _buckets, cpu_fused, distributed, geometry, gram
-from . import FunctionBackend, StiefelHyperparams, advance_steps, bias_correction_tensor, state_dtype
+from . import (FunctionBackend, StiefelHyperparams, advance_steps, bias_correction_tensor,
+               gram_orthogonality_error, state_dtype)
 
 name = "torch"
 
@@ -33,13 +34,15 @@ def unsupported_reason(param: Tensor) -> str | None:
     return None
 
 
-def _native_bucket(ps, gs, ms, vs, maxs, steps, hp: StiefelHyperparams, rows: bool, sharding) -> Tensor:
+def _native_bucket(ps, gs, ms, vs, maxs, steps, hp: StiefelHyperparams, rows: bool, sharding,
+                   telemetry: list | None) -> Tensor:
     """One bucket through the native CPU passes; returns its failure count."""
     bc = bias_correction_tensor(advance_steps(steps), hp.beta1, hp.beta2, ps[0].device,
                                 dtype=torch.float64)
     k, g, h = cpu_fused.pass1(ps, gs, ms, vs, maxs, bc, hp, row_orthonormal=rows).unbind(-3)
     if sharding is not None:  # sharded factors: one all-reduce per bucket
         k, g, h = sharding.reduce_grams(k, g, h)
+    _report(telemetry, k)
     c, e, info = gram.step_coefficients(
         k, g, h, hp.lr, hp.retraction, tol=hp.drift_tol, cayley_iters=hp.cayley_iters,
         ns_steps=hp.ns_steps)
@@ -47,23 +50,33 @@ def _native_bucket(ps, gs, ms, vs, maxs, steps, hp: StiefelHyperparams, rows: bo
     return (info != 0).sum()
 
 
+def _report(telemetry: list | None, k: Tensor) -> None:
+    if telemetry is not None:
+        err = gram_orthogonality_error(k)
+        if err is not None:
+            telemetry.append(err)
+
+
 @torch.no_grad()
 def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
          exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
          state_steps: list[Tensor], hp: StiefelHyperparams, *, sharding=None,
-         native_passes: bool = True) -> Tensor | None:
+         native_passes: bool = True, telemetry: list | None = None) -> Tensor | None:
     """On the CPU, where the native extension has them (:mod:`stiefel_kernels.cpu_fused`), each
     bucket's two streaming passes run as the native ops ``stiefel_kernels::stiefel_adamw_pass1``
     / ``pass2`` (in place, nothing stacked); elsewhere, or with ``native_passes=False``, the
     pure-torch formulation below (the portable fallback, and what the native passes are tested
     against).
 
+    ``telemetry``: a list to which the step appends, per bucket, the largest ``||X^T X - I||_F``
+    of its input factors (from the ``K`` it computes anyway; a 0-dim device tensor).
+
     ``sharding`` (set by :func:`stiefel_kernels.distributed.sharded_step`, which takes over
     when ``params`` holds DTensors): the tensors are local shards of one bucket; it gives their
     orientation (``row_orthonormal``) and sums ``(K, G, H)`` over the shards (``reduce_grams``)."""
     if sharding is None and distributed.has_dtensor(params):
         return distributed.sharded_step(step, params, grads, exp_avgs, exp_avg_sqs,
-                                        max_exp_avg_sqs, state_steps, hp)
+                                        max_exp_avg_sqs, state_steps, hp, telemetry=telemetry)
     failures = None
     for idx in _buckets.buckets(params).values():
         ps = [params[i] for i in idx]
@@ -76,7 +89,7 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
             maxs = [max_exp_avg_sqs[i] for i in idx] if hp.amsgrad else []
             if (all(g.dtype == ps[0].dtype for g in g_in)
                     and cpu_fused.unsupported_reason(ps, g_in, ms, vs, maxs, row_orthonormal=rows) is None):
-                count = _native_bucket(ps, g_in, ms, vs, maxs, steps, hp, rows, sharding)
+                count = _native_bucket(ps, g_in, ms, vs, maxs, steps, hp, rows, sharding, telemetry)
                 failures = count if failures is None else failures + count
                 continue
         work = state_dtype(ps[0])
@@ -103,6 +116,7 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         k, g, h = gram.gram_pass(x, d)
         if sharding is not None:  # sharded factors: one all-reduce per bucket
             k, g, h = sharding.reduce_grams(k, g, h)
+        _report(telemetry, k)
         c, e, info = gram.step_coefficients(
             k, g, h, hp.lr, hp.retraction, tol=hp.drift_tol, cayley_iters=hp.cayley_iters,
             ns_steps=hp.ns_steps)
@@ -115,4 +129,4 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     return failures
 
 
-BACKEND = FunctionBackend(name, unsupported_reason, step)
+BACKEND = FunctionBackend(name, unsupported_reason, step, reports_telemetry=True)

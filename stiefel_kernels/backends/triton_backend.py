@@ -57,7 +57,7 @@ from ..kernels.launch import (  # noqa: F401  (re-exported: tests and benchmarks
     SMALL_STEP_MAX_RANK, SMALL_STEP_TRITON, TILES, launch_config, next_pow2 as _next_pow2,
     orientation as _orientation, pass1, pass2, pointer_array, small_step, small_step_launch)
 from . import (FunctionBackend, StiefelHyperparams, advance_steps, bias_correction_tensor,
-               state_dtype)
+               gram_orthogonality_error, state_dtype)
 
 name = "triton"
 
@@ -171,7 +171,16 @@ def _group_step_impl(params: list[Tensor], grads: list[Tensor], exp_avgs: list[T
 
     ``bc`` is ``(2, F)`` fp32 on the factors' device (``1 - beta1^t`` and ``sqrt(1 - beta2^t)``
     per matrix, in order). Returns the number of failed ``r x r`` factorizations (int32, on the
-    device)."""
+    device). (The custom op's signature: :func:`_group_step_core` also reports telemetry.)"""
+    return _group_step_core(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc, lr, beta1,
+                            beta2, eps, maximize, retraction, cayley_iters, ns_steps, drift_tol)
+
+
+def _group_step_core(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc, lr, beta1, beta2,
+                     eps, maximize, retraction, cayley_iters, ns_steps, drift_tol,
+                     telemetry: list | None = None) -> Tensor:
+    """:func:`_group_step_impl`; ``telemetry`` (eager steps only): a list to which the largest
+    ``||K - I||_F`` of each rank's factors is appended (0-dim device tensors)."""
     hp = StiefelHyperparams(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                             amsgrad=len(max_exp_avg_sqs) > 0, maximize=maximize,
                             retraction=retraction, cayley_iters=cayley_iters, ns_steps=ns_steps,
@@ -186,7 +195,12 @@ def _group_step_impl(params: list[Tensor], grads: list[Tensor], exp_avgs: list[T
     coefs, failures = {}, None
     for r, grams in grams_by_rank.items():
         r_pad = max(16, _next_pow2(r))
-        coef, count = small_step(grams[0] if len(grams) == 1 else torch.cat(grams), hp, r_pad)
+        stacked = grams[0] if len(grams) == 1 else torch.cat(grams)
+        if telemetry is not None:
+            err = gram_orthogonality_error(stacked[:, 0])
+            if err is not None:
+                telemetry.append(err)
+        coef, count = small_step(stacked, hp, r_pad)
         coefs[r] = coef.split([g.shape[0] for g in grams]) if len(grams) > 1 else (coef,)
         if count is not None:
             failures = count if failures is None else failures + count
@@ -286,7 +300,8 @@ def _check_states(params: list[Tensor], shapes: tuple, layout: _Layout,
 @torch.no_grad()
 def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
          exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
-         state_steps: list[Tensor], hp: StiefelHyperparams) -> Tensor | None:
+         state_steps: list[Tensor], hp: StiefelHyperparams, *,
+         telemetry: list | None = None) -> Tensor | None:
     """One Stiefel-AdamW step over ``params`` (see :mod:`stiefel_kernels.backends`).
 
     Every check runs before anything changes. Errors name a factor by its index in ``params``
@@ -328,9 +343,9 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         bc = bias_correction_tensor(advance_steps(steps), hp.beta1, hp.beta2, device, repeats)
         # the custom op is what torch.compile sees; eager calls skip its dispatch (it bumps
         # the version counter of every tensor argument: ~1 ms for 256 factors)
-        run = _group_step if compiling else _group_step_impl
-        count = run(ps, gs, ms, vs, xs, bc, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.maximize,
-                    hp.retraction, hp.cayley_iters, hp.ns_steps, hp.drift_tol)
+        args = (ps, gs, ms, vs, xs, bc, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.maximize,
+                hp.retraction, hp.cayley_iters, hp.ns_steps, hp.drift_tol)
+        count = _group_step(*args) if compiling else _group_step_core(*args, telemetry=telemetry)
         failures = count if failures is None else failures + count
     for orig, new in zip(tensors, staged):
         if new is not orig:
@@ -340,4 +355,4 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     return failures
 
 
-BACKEND = FunctionBackend(name, unsupported_reason, step)
+BACKEND = FunctionBackend(name, unsupported_reason, step, reports_telemetry=True)
