@@ -11,6 +11,8 @@ Corpus: the source code of ~60 standard-library modules (``python/_data.py``), n
 downloaded; the last 10% is the validation split.
 
 Run:   python python/pretrain_gpt.py                     (CPU default: 1.5-2.5 minutes on 2 cores)
+       torchrun --nproc-per-node 8 python/pretrain_gpt.py --fsdp --device cuda ...   (FSDP2: each
+              block sharded, Stiefel factors on their long side; gloo on CPU, NCCL on GPUs)
        python python/pretrain_gpt.py --device cuda --steps 2000 --n-layer 6 --d-model 384 --n-head 6 \\
               --block-size 256 --batch-size 64            (a GPU)
        python python/pretrain_gpt.py --smoke               (a few steps, seconds)
@@ -35,7 +37,7 @@ import _data  # noqa: E402
 from _gpt import GPT, GPTConfig  # noqa: E402
 
 from stiefel_kernels import StiefelAdamW  # noqa: E402
-from stiefel_kernels.geometry import orthogonality_error  # noqa: E402
+from stiefel_kernels.distributed import orthogonality_error  # noqa: E402  (DTensors too)
 from stiefel_kernels.nn import param_groups, stiefel_parameters  # noqa: E402
 
 OPTIMIZERS = ("adamw", "stiefel-adamw")
@@ -55,6 +57,50 @@ def progress(iterable, desc: str, total: int):
                     print(f"  {desc}: step {i}/{total}", file=sys.stderr, flush=True)
                 yield x
         return gen()
+
+
+def setup_distributed(args) -> tuple[int, int]:
+    """Under ``torchrun`` (``--fsdp``): join the process group (NCCL on CUDA, gloo on the CPU) and
+    pick this rank's GPU; returns ``(rank, world_size)``, ``(0, 1)`` without it."""
+    if not args.fsdp:
+        return 0, 1
+    if "WORLD_SIZE" not in os.environ:
+        raise SystemExit("--fsdp runs under torchrun: torchrun --nproc-per-node N "
+                         "python/pretrain_gpt.py --fsdp ...")
+    import torch.distributed as dist
+
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard(model):
+    """FSDP2: every transformer block and then the root are ``fully_shard``ed; Stiefel factors
+    (the stacked ``W_Q`` blocks) on their long side, where the step's Gram sums add up
+    (``stiefel_shard_placement_fn``); every other parameter on dim 0."""
+    from torch.distributed.fsdp import fully_shard
+
+    from stiefel_kernels.distributed import stiefel_shard_placement_fn
+
+    fn = stiefel_shard_placement_fn(stiefel_parameters(model))
+    for block in model.blocks:
+        fully_shard(block, shard_placement_fn=fn)
+    fully_shard(model, shard_placement_fn=fn)
+    return model
+
+
+def full_state_dict(model, fsdp: bool) -> dict:
+    """The model's state dict as plain CPU tensors (gathered from every rank under FSDP2)."""
+    if not fsdp:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
 
 
 def sync(device: torch.device) -> None:
@@ -97,9 +143,11 @@ def train(name: str, model, train_data, val_data, args, device) -> dict:
     """Train ``model`` in place with optimizer ``name``; returns the curves and timings."""
     opt = make_optimizer(name, model, args)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps))
-    g = torch.Generator().manual_seed(args.seed + 1)  # same batches for every optimizer
+    # same batches for every optimizer; under FSDP2 each rank its own slice of the global batch
+    g = torch.Generator().manual_seed(args.seed + 1 + 1000 * getattr(args, "rank", 0))
     hist = {"step": [], "train": [], "val_step": [], "val": [], "iter_s": [], "opt_s": []}
-    for step in progress(range(args.steps), LABELS[name], args.steps):
+    steps = range(args.steps)
+    for step in (progress(steps, LABELS[name], args.steps) if getattr(args, "rank", 0) == 0 else steps):
         if args.eval_every and step % args.eval_every == 0 and step > 0:
             hist["val_step"].append(step)
             hist["val"].append(estimate_loss(model, val_data, args, device, args.seed + 2))
@@ -129,7 +177,7 @@ def train(name: str, model, train_data, val_data, args, device) -> dict:
     wq = stiefel_parameters(model)
     hist["ortho"] = max(float(orthogonality_error(p).max()) for p in wq) if wq else float("nan")
     logged = [e for e in hist.get("ortho_log", []) if e is not None]
-    if logged:
+    if logged and getattr(args, "rank", 0) == 0:
         print(f"{LABELS[name]}: max ||X^T X - I||_F logged by opt.orthogonality_error() at "
               f"{len(logged)} evaluations: {max(logged):.2e}", flush=True)
     return hist
@@ -217,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot", default=None, help="plot path (default OUT_DIR/pretrain_gpt.png)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny model, a few steps (tests)")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="FSDP2 under torchrun (one process per GPU, or gloo processes on the CPU)")
     return ap
 
 
@@ -233,29 +283,43 @@ def main(argv: list[str] | None = None) -> int:
     bad = [n for n in names if n not in OPTIMIZERS]
     if bad or not names:
         raise SystemExit(f"unknown optimizer(s) {bad}; choose from {OPTIMIZERS}")
+    args.rank, world = setup_distributed(args)
     device = torch.device(args.device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial model on every rank
     data = _data.load_corpus("stdlib_source", args.max_bytes)
     train_data, val_data = _data.split(data)
     cfg = GPTConfig(vocab_size=_data.VOCAB_SIZE, block_size=args.block_size, n_layer=args.n_layer,
                     n_head=args.n_head, d_model=args.d_model)
     model0 = GPT(cfg).to(device)
     n_params = sum(p.numel() for p in model0.parameters())
-    print(f"corpus: {len(data):,} bytes of stdlib source ({len(train_data):,} train / {len(val_data):,} val); "
-          f"model: {n_params / 1e6:.2f}M params, {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads; "
-          f"{args.steps} steps of {args.batch_size} x {args.block_size} bytes on {device} "
-          f"({torch.get_num_threads()} threads)")
+    say = print if args.rank == 0 else (lambda *a, **k: None)
+    say(f"corpus: {len(data):,} bytes of stdlib source ({len(train_data):,} train / {len(val_data):,} val); "
+        f"model: {n_params / 1e6:.2f}M params, {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads; "
+        f"{args.steps} steps of {args.batch_size} x {args.block_size} bytes on {device} "
+        f"({torch.get_num_threads()} threads)" + (f"; FSDP2 over {world} ranks" if args.fsdp else ""))
     os.makedirs(args.out_dir, exist_ok=True)
     results = {}
     t_all = time.perf_counter()
     for name in names:
         model = copy.deepcopy(model0)
+        if args.fsdp:
+            shard(model)
         results[name] = train(name, model, train_data, val_data, args, device)
         path = os.path.join(args.out_dir, f"gpt_{name}.pt")
-        torch.save({"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": name,
-                    "val_loss": results[name]["val"][-1], "steps": args.steps}, path)
-        print(f"{LABELS[name]}: val loss {results[name]['val'][-1]:.4f}, checkpoint {path}", flush=True)
+        state = full_state_dict(model, args.fsdp)  # a collective under FSDP2: every rank
+        if args.rank == 0:
+            torch.save({"config": cfg.to_dict(), "model": state, "optimizer": name,
+                        "val_loss": results[name]["val"][-1], "steps": args.steps}, path)
+        say(f"{LABELS[name]}: val loss {results[name]['val'][-1]:.4f}, checkpoint {path}", flush=True)
+    if args.fsdp:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if args.rank != 0:
+        return 0
     title = f"byte-level GPT ({n_params / 1e6:.2f}M params), {args.steps} steps, lr {args.lr:g}"
+    if args.fsdp:
+        title += f", FSDP2 x {world}"
     print_table(results, title)
     print(f"total time {time.perf_counter() - t_all:.1f} s")
     if not args.no_plot:

@@ -1,4 +1,5 @@
 """pretrain_gpt.py and finetune_lora.py run end to end in smoke mode (a few steps, tiny model)."""
+import pytest
 import torch
 
 from _recipes import GPT, GPTConfig, load
@@ -53,3 +54,32 @@ def test_recipe_gpt_uses_the_library_attention():
     logits, loss = model(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8)))
     assert logits.shape == (2, 8, 32) and loss.ndim == 0
     assert not hasattr(sk_nn, "GPT") and not hasattr(sk_nn, "GPTConfig")  # recipe models now
+
+
+@pytest.mark.distributed
+def test_pretrain_under_torchrun_with_fsdp2_on_two_gloo_processes(tmp_path):
+    """``torchrun --nproc-per-node 2 python/pretrain_gpt.py --fsdp``: FSDP2 on the CPU (gloo),
+    W_Q sharded on its long side, a few steps of both optimizers; rank 0 prints the table and
+    saves full (gathered) checkpoints that load into the unsharded model."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+         str(root / "python" / "pretrain_gpt.py"), "--smoke", "--fsdp", "--no-plot",
+         "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    assert "FSDP2 over 2 ranks" in out and "FSDP2 x 2" in out
+    assert out.count("| Stiefel-AdamW ") == 1  # rank 0 only
+    row = [l for l in out.splitlines() if l.startswith("| Stiefel-AdamW ")][0]
+    assert float(row.split("|")[-2]) < 1e-4  # W_Q orthonormal across the shards
+    ck = torch.load(tmp_path / "gpt_stiefel-adamw.pt", weights_only=False)
+    model = GPT(GPTConfig(**ck["config"]))
+    model.load_state_dict(ck["model"])  # plain, full tensors
