@@ -131,20 +131,21 @@ _FAKES = {"inv_sqrt_spd": _inv_sqrt_spd_fake,
           "cholesky_upper_inverse": _cholesky_upper_inverse_fake, "solve": _solve_fake}
 
 
-def _register() -> torch.library.Library | None:
-    """Schemas, default kernels and fake kernels, once per process (a reload of this module
-    keeps the first registration). The returned library must stay referenced."""
-    if hasattr(torch.ops.stiefel_kernels, OPS[-1]):
+def _register(kind: str, names, schemas: dict, defaults: dict, fakes: dict) -> torch.library.Library | None:
+    """Schemas, default kernels and fake kernels of ``names``, once per process (a reload of
+    this module keeps the first registration). ``kind``: ``"DEF"`` for the library's first
+    registration, ``"FRAGMENT"`` after it. The returned library must stay referenced."""
+    if hasattr(torch.ops.stiefel_kernels, names[-1]):
         return None
-    lib = torch.library.Library("stiefel_kernels", "DEF")
-    for name in OPS:
-        lib.define(_SCHEMAS[name])
-        lib.impl(name, _DEFAULTS[name], "CompositeExplicitAutograd")
-        torch.library.register_fake(f"stiefel_kernels::{name}", _FAKES[name], lib=lib)
+    lib = torch.library.Library("stiefel_kernels", kind)
+    for name in names:
+        lib.define(schemas[name])
+        lib.impl(name, defaults[name], "CompositeExplicitAutograd")
+        torch.library.register_fake(f"stiefel_kernels::{name}", fakes[name], lib=lib)
     return lib
 
 
-_LIB = _register()
+_LIB = _register("DEF", OPS, _SCHEMAS, _DEFAULTS, _FAKES)
 
 
 # ============================================================================= fused step passes
@@ -269,16 +270,4 @@ _FUSED_FAKES = {"stiefel_adamw_pass1": _stiefel_adamw_pass1_fake,
                 "stiefel_adamw_pass2": _stiefel_adamw_pass2_fake}
 
 
-def _register_fused() -> torch.library.Library | None:
-    """Schemas, default and fake kernels of :data:`FUSED_OPS`, once per process."""
-    if hasattr(torch.ops.stiefel_kernels, FUSED_OPS[-1]):
-        return None
-    lib = torch.library.Library("stiefel_kernels", "FRAGMENT")
-    for name in FUSED_OPS:
-        lib.define(_FUSED_SCHEMAS[name])
-        lib.impl(name, _FUSED_DEFAULTS[name], "CompositeExplicitAutograd")
-        torch.library.register_fake(f"stiefel_kernels::{name}", _FUSED_FAKES[name], lib=lib)
-    return lib
-
-
-_FUSED_LIB = _register_fused()
+_FUSED_LIB = _register("FRAGMENT", FUSED_OPS, _FUSED_SCHEMAS, _FUSED_DEFAULTS, _FUSED_FAKES)

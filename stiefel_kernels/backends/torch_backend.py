@@ -40,21 +40,23 @@ def _native_bucket(ps, gs, ms, vs, maxs, steps, hp: StiefelHyperparams, rows: bo
     bc = bias_correction_tensor(advance_steps(steps), hp.beta1, hp.beta2, ps[0].device,
                                 dtype=torch.float64)
     k, g, h = cpu_fused.pass1(ps, gs, ms, vs, maxs, bc, hp, row_orthonormal=rows).unbind(-3)
-    if sharding is not None:  # sharded factors: one all-reduce per bucket
-        k, g, h = sharding.reduce_grams(k, g, h)
-    _report(telemetry, k)
-    c, e, info = gram.step_coefficients(
-        k, g, h, hp.lr, hp.retraction, tol=hp.drift_tol, cayley_iters=hp.cayley_iters,
-        ns_steps=hp.ns_steps)
+    c, e, info = _small_step(k, g, h, hp, sharding, telemetry)
     cpu_fused.pass2(ps, ms, maxs if hp.amsgrad else vs, bc, c, e, hp, row_orthonormal=rows)
     return (info != 0).sum()
 
 
-def _report(telemetry: list | None, k: Tensor) -> None:
+def _small_step(k: Tensor, g: Tensor, h: Tensor, hp: StiefelHyperparams, sharding,
+                telemetry: list | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Between the passes, for both formulations: the one all-reduce of a sharded bucket's
+    ``(K, G, H)``, the telemetry, and the ``r x r`` step; returns ``(C, E, info)``."""
+    if sharding is not None:
+        k, g, h = sharding.reduce_grams(k, g, h)
     if telemetry is not None:
         err = gram_orthogonality_error(k)
         if err is not None:
             telemetry.append(err)
+    return gram.step_coefficients(k, g, h, hp.lr, hp.retraction, tol=hp.drift_tol,
+                                  cayley_iters=hp.cayley_iters, ns_steps=hp.ns_steps)
 
 
 @torch.no_grad()
@@ -84,7 +86,8 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         vs = [exp_avg_sqs[i] for i in idx]
         steps = [state_steps[i] for i in idx]
         rows = geometry.is_row_orthonormal(ps[0].shape) if sharding is None else sharding.row_orthonormal
-        if native_passes:
+        # a CUDA bucket never looks at the native CPU passes (no per-tensor checks on its hot path)
+        if native_passes and ps[0].device.type == "cpu" and cpu_fused.available():
             g_in = [grads[i] for i in idx]
             maxs = [max_exp_avg_sqs[i] for i in idx] if hp.amsgrad else []
             if (all(g.dtype == ps[0].dtype for g in g_in)
@@ -114,12 +117,7 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         x, d = (x.mT, d.mT) if rows else (x, d)  # column form
 
         k, g, h = gram.gram_pass(x, d)
-        if sharding is not None:  # sharded factors: one all-reduce per bucket
-            k, g, h = sharding.reduce_grams(k, g, h)
-        _report(telemetry, k)
-        c, e, info = gram.step_coefficients(
-            k, g, h, hp.lr, hp.retraction, tol=hp.drift_tol, cayley_iters=hp.cayley_iters,
-            ns_steps=hp.ns_steps)
+        c, e, info = _small_step(k, g, h, hp, sharding, telemetry)
         y = gram.apply_coefficients(x, d, c.to(work), e.to(work))
         stored = y.mT if rows else y
         torch._foreach_copy_(ps, list(stored.to(ps[0].dtype).unbind(0)))
