@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.fsdp:
         import torch.distributed as dist
 
+        # every rank arrives before any tears the group down: a rank that leaves while another
+        # is still saving can make gloo abort the other process (seen once in CI, SIGABRT)
+        dist.barrier()
         dist.destroy_process_group()
     if args.rank != 0:
         return 0
