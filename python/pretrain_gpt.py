@@ -331,4 +331,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "--fsdp" in sys.argv:
+        # On the CPU with gloo about one run in ten aborted at interpreter exit ("terminate
+        # called without an active exception", a C++ thread of torch's torn down while joinable)
+        # after all the work was done and saved; not root-caused. Leave without the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -57,27 +57,43 @@ def test_recipe_gpt_uses_the_library_attention():
 
 
 @pytest.mark.distributed
-def test_pretrain_under_torchrun_with_fsdp2_on_two_gloo_processes(tmp_path):
-    """``torchrun --nproc-per-node 2 python/pretrain_gpt.py --fsdp``: FSDP2 on the CPU (gloo),
-    W_Q sharded on its long side, a few steps of both optimizers; rank 0 prints the table and
-    saves full (gathered) checkpoints that load into the unsharded model."""
+def test_pretrain_with_fsdp2_on_two_gloo_processes(tmp_path):
+    """``python/pretrain_gpt.py --fsdp`` as torchrun starts it (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT; launched here directly, without torchrun's agent): FSDP2 on the CPU, W_Q
+    sharded on its long side, a few steps of both optimizers; both processes exit 0;
+    rank 0 prints the table and saves full (gathered) checkpoints that load into the unsharded
+    model."""
     import os
+    import socket
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-         str(root / "python" / "pretrain_gpt.py"), "--smoke", "--fsdp", "--no-plot",
-         "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    out = res.stdout
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(root / "python" / "pretrain_gpt.py"), "--smoke", "--fsdp",
+             "--no-plot", "--out-dir", str(tmp_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outs = []
+    for proc in procs:
+        try:
+            outs.append(proc.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    out, other = outs
     assert "FSDP2 over 2 ranks" in out and "FSDP2 x 2" in out
-    assert out.count("| Stiefel-AdamW ") == 1  # rank 0 only
+    assert "| Stiefel-AdamW " not in other  # rank 0 only
     row = [l for l in out.splitlines() if l.startswith("| Stiefel-AdamW ")][0]
     assert float(row.split("|")[-2]) < 1e-4  # W_Q orthonormal across the shards
     ck = torch.load(tmp_path / "gpt_stiefel-adamw.pt", weights_only=False)
