@@ -10,14 +10,14 @@ launch, one all-reduce). Its key is a :class:`BucketKey`:
 * ``grad_dtype``: the gradient's dtype where the computation is specialized on it (the
   ``triton`` kernels), else ``None``;
 * ``layout``: the DTensor layout (mesh, placements) of a sharded factor
-  (:func:`stiefel_kernels.distributed.sharded_step`), else ``None``.
+  (:func:`stiefel_kernels.distributed.backend_step`), else ``None``.
 
 Order (the order of the stacked results, and so part of bit-identical steps): buckets come in
 the order of their first factor in the list, and the factors of a bucket in list order.
 
 Users: ``backends.torch_backend`` (:func:`buckets`), ``backends.triton_backend`` (:func:`buckets`
 with gradients, then by device; :func:`runs` inside its custom op), ``riemannian.RiemannianHooks``
-(:func:`buckets` with ``column_form=True``), ``distributed.sharded_step`` (:func:`group` of
+(:func:`buckets` with ``column_form=True``), ``distributed.backend_step`` (:func:`group` of
 :func:`bucket_key` with the layout).
 
 :func:`working_dtype` is the dtype a factor is stepped in: float32 for float16/bfloat16, the

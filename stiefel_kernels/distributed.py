@@ -7,17 +7,18 @@ their long side (docs/design.md, "Sharding").
   :func:`stiefel_shard_placement_fn` makes ``fully_shard`` shard each Stiefel factor along its
   **long** dimension (``Shard(-1)`` of a wide ``r x n`` factor, ``Shard(-2)`` of a tall or square
   one, the last two dims of a stack). ``K = X^T X``, ``G = X^T D``, ``H = D^T D`` are sums over
-  that dimension, so a step (:func:`sharded_step`, used by the ``torch`` backend) is: moments
-  and pass 1 on the local shards, **one** all-reduce (sum) of the stacked ``(K, G, H)`` of a
-  bucket of same-shape factors over the shard's process group, the ``r x r`` step locally
-  (identical on every rank), pass 2 locally. Empty shards (fewer rows in the long dim than
-  ranks) are fine: their partial Grams are zero.
+  that dimension, so a step (:func:`backend_step`, the one place sharding is handled: the
+  optimizer calls it, backends see plain local tensors) is: moments and pass 1 on the local
+  shards, **one** all-reduce (sum) of the stacked ``(K, G, H)`` of a bucket of same-shape
+  factors over the shard's process group, the ``r x r`` step locally (identical on every
+  rank), pass 2 locally. The ``torch`` and ``triton`` backends step local shards
+  (``steps_local_shards``). Empty shards (fewer rows in the long dim than ranks) are fine:
+  their partial Grams are zero, and they still join the all-reduce.
 * A factor laid out any other way (sharded on its short dim, ``_StridedShard``, several
   shardings mixed) takes the documented fallback :func:`gathered_step`: ``full_tensor()`` of
   parameter, gradient and moments, the step on full tensors, each rank keeps its slice. Correct,
-  but it moves the whole factor. The ``reference`` backend always takes this path. ``Partial``
-  parameters raise. Other backends (``triton``) do not accept DTensors: ``auto`` picks
-  ``torch`` for them.
+  but it moves the whole factor (it warns once per layout). The ``reference`` backend (the
+  literal full-matrix specification) always takes this path. ``Partial`` parameters raise.
 
 Euclidean groups run torch's AdamW, which handles DTensors itself.
 """
@@ -34,7 +35,7 @@ from torch import Tensor
 from . import _buckets, geometry
 
 __all__ = ["stiefel_shard_placement_fn", "long_dim", "is_dtensor", "orthogonality_error",
-           "sharded_step", "gathered_step"]
+           "backend_step", "gathered_step"]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -124,7 +125,8 @@ class _Layout:
     row_orthonormal: bool          # orientation of the global shape (a shard's may differ)
 
     def reduce(self, t: Tensor) -> Tensor:
-        """Sum ``t`` (in place) over the ranks holding the other pieces of the long dim."""
+        """Sum the contiguous ``t`` (in place) over the ranks holding the other pieces of the long
+        dim; returns ``t``."""
         import torch.distributed as dist
 
         for i in self.reduce_dims:
@@ -214,21 +216,37 @@ def gathered_step(step_fn: Callable[..., Tensor | None], params: list[Tensor], g
     return failures
 
 
-def sharded_step(step_fn: Callable[..., Tensor | None], params: list[Tensor], grads: list[Tensor],
-                 exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 max_exp_avg_sqs: list[Tensor] | None, state_steps: list[Tensor],
-                 hp: Any, telemetry: list | None = None) -> Tensor | None:
-    """A Stiefel step over a list that holds DTensors, for a two-pass backend ``step_fn`` taking a
-    ``sharding`` keyword (the ``torch`` backend).
+#: (backend, global shape, placements) of the buckets :func:`backend_step` has warned about
+_GATHER_WARNED: set = set()
 
-    Factors are bucketed by (global shape, dtype, device, mesh, placements), in list order, so
-    every rank forms the same buckets (:func:`stiefel_kernels._buckets.bucket_key` with the
-    layout). A bucket sharded on the long dim calls ``step_fn`` on the local shards with
-    ``sharding`` (the global orientation, and ``reduce_grams``: one all-reduce of the bucket's
-    stacked ``(K, G, H)``); a bucket laid out otherwise goes through :func:`gathered_step`; plain
-    tensors are stepped as usual.
-    """
-    # key None: the plain tensors, in one call (step_fn buckets them itself)
+
+def backend_step(backend: Any, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                 exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
+                 state_steps: list[Tensor], hp: Any, telemetry: list | None = None) -> Tensor | None:
+    """One Stiefel step of ``backend`` over a list that may hold DTensors: the one place where
+    sharding is handled (``StiefelAdamW`` calls it for every Stiefel step; backends only ever see
+    plain tensors).
+
+    Without DTensors this is ``backend.step(...)``. Otherwise factors are bucketed by (global
+    shape, dtype, device, mesh, placements), in list order, so every rank forms the same
+    buckets (:func:`stiefel_kernels._buckets.bucket_key` with the layout), and per bucket:
+
+    * sharded along the long side (or replicated, or sharded over stack dims), and the backend
+      declares ``steps_local_shards``: ``backend.step`` on the local shards with
+      ``sharding=`` the bucket's layout (the global orientation, and ``reduce``: one all-reduce of
+      the bucket's stacked ``(K, G, H)`` between the passes; a rank whose shard is empty still
+      joins it);
+    * any other layout (the short side, ``_StridedShard``, mixed), or a backend without
+      local-shard support (``reference``): :func:`gathered_step`, with a warning once per
+      (backend, shape, placements) since it moves the whole factor;
+    * plain tensors: ``backend.step`` as usual.
+
+    ``telemetry`` is passed on to backends that declare ``reports_telemetry``."""
+    kw = {"telemetry": telemetry} if telemetry is not None and getattr(backend, "reports_telemetry", False) else {}
+    if not has_dtensor(params):
+        return backend.step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp, **kw)
+    local_ok = bool(getattr(backend, "steps_local_shards", False))
+    # key None: the plain tensors, in one call (the backend buckets them itself)
     buckets = _buckets.group(_buckets.bucket_key(p, layout=_layout(p)) if is_dtensor(p) else None
                              for p in params)
     failures = None
@@ -240,13 +258,20 @@ def sharded_step(step_fn: Callable[..., Tensor | None], params: list[Tensor], gr
 
         ps, gs, ms, vs, mx, st = (sub(params), sub(grads), sub(exp_avgs), sub(exp_avg_sqs),
                                   sub(max_exp_avg_sqs), sub(state_steps))
-        kw = _telemetry_kw(telemetry)
         if layout is None:
-            count = step_fn(ps, gs, ms, vs, mx, st, hp, **kw)
-        elif not layout.fast:
-            count = gathered_step(step_fn, ps, gs, ms, vs, mx, st, hp, **kw)
+            count = backend.step(ps, gs, ms, vs, mx, st, hp, **kw)
+        elif not (layout.fast and local_ok):
+            warn_key = (backend.name, tuple(ps[0].shape), layout.placements)
+            if warn_key not in _GATHER_WARNED:
+                _GATHER_WARNED.add(warn_key)
+                why = ("is not sharded along its long side" if not layout.fast else
+                       f"is stepped by backend {backend.name!r}, which does not step local shards")
+                warnings.warn(f"Stiefel factor of shape {tuple(ps[0].shape)} with placements "
+                              f"{layout.placements} {why}: each step gathers it (full_tensor) on "
+                              "every rank", stacklevel=3)
+            count = gathered_step(backend.step, ps, gs, ms, vs, mx, st, hp, **kw)
         else:
-            count = step_fn(
+            count = backend.step(
                 [p.to_local() for p in ps],
                 [_local(g, p, "gradient", readonly=True) for g, p in zip(gs, ps)],
                 [_local(m, p, "exp_avg") for m, p in zip(ms, ps)],

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.adam import adam as _torch_adam
 
-from . import backends
+from . import backends, distributed
 from .distributed import orthogonality_error  # plain tensors and DTensors
 from .gram import canonical_retraction
 
@@ -647,13 +647,12 @@ class StiefelAdamW(Optimizer):
             if group.get("master_weights", False):
                 halves = [(p, st["master"]) for p, st in zip(params, states) if p.dtype in _HALF]
                 params = [st["master"] if p.dtype in _HALF else p for p, st in zip(params, states)]
-            backend = backends.get_backend(name)
-            kw = {"telemetry": self._orthogonality} if getattr(backend, "reports_telemetry", False) else {}
-            failures = backend.step(
-                params, grads, [s["exp_avg"] for s in states],
+            # sharding (DTensor factors) is handled there, once, for every backend
+            failures = distributed.backend_step(
+                backends.get_backend(name), params, grads, [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
-                [s["step"] for s in states], hp, **kw)
+                [s["step"] for s in states], hp, telemetry=self._orthogonality)
             if halves:  # the factors take their master copy's rounding
                 torch._foreach_copy_([p for p, _ in halves], [m for _, m in halves])
             if failures is not None:  # stays on the device: read only by retraction_failures

@@ -20,6 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 torch.set_num_threads(1)
+if not torch.cuda.is_available():  # the triton scenarios run the kernels under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from stiefel_kernels import StiefelAdamW, orthogonality_error, random_stiefel  # noqa: E402
 from stiefel_kernels.distributed import stiefel_shard_placement_fn  # noqa: E402
@@ -174,13 +176,59 @@ def scenario_fsdp_reference(rank, world, ckpt):
     scenario_fsdp(rank, world, ckpt, backend="reference")
 
 
+def scenario_fsdp_triton(rank, world, ckpt):
+    """The triton backend on local shards (uneven ones, and with 3 ranks an empty one): equal to
+    one process within the fp32 policy, one all-reduce per bucket sharded along its long side,
+    and every rank's small step gets bit-identical (K, G, H) for those buckets."""
+    from stiefel_kernels.backends import triton_backend
+
+    seen, current = [], {}
+    orig_core, orig_small = triton_backend._group_step_core, triton_backend.small_step
+
+    def core(*args, sharding=None, **kw):
+        current["reduced"] = sharding is not None and bool(sharding.reduce_dims)
+        return orig_core(*args, sharding=sharding, **kw)
+
+    def small_step(grams, hp, r_pad):
+        if current["reduced"]:
+            seen.append(grams.detach().clone())
+        return orig_small(grams, hp, r_pad)
+
+    triton_backend._group_step_core, triton_backend.small_step = core, small_step
+    try:
+        scenario_fsdp(rank, world, ckpt, backend="triton")
+    finally:
+        triton_backend._group_step_core, triton_backend.small_step = orig_core, orig_small
+    # buckets reduced over the ranks: (2, 6) Shard(1), (7, 2) Shard(0) uneven, (2, 2, 6) Shard(2),
+    # (2, 1) Shard(0) (empty on one of 3 ranks), and with 3 ranks (1, 3) Shard(1); the stack
+    # (2, 1, 5) is sharded over its stack dim (local, nothing to reduce), and with 2 ranks
+    # (1, 3) lies on its short dim (gathered)
+    buckets = 4 if world == 2 else 5
+    assert len(seen) == STEPS * buckets, (len(seen), [tuple(t.shape) for t in seen])
+    mine = [t.tolist() for t in seen]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    assert all(other == mine for other in gathered), "small-step inputs differ between ranks"
+
+
 def scenario_fallback_short_dim(rank, world, ckpt):
     from torch.distributed.tensor import Shard
+
+    import warnings
+
+    from stiefel_kernels import distributed as skd
 
     model = fsdp_model({0: Shard(0)})  # (2, 6) on its short dim (3 ranks: one shard empty)
     assert model.blocks[0].A.placements == (Shard(0),)
     opt = make_opt(model)
-    train(model, opt, STEPS, rank, world)
+    skd._GATHER_WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, STEPS, rank, world)
+    gathers = [str(w.message) for w in caught if "gathers it" in str(w.message)]
+    # once per gathered layout, not once per step: (2, 6) and, with 2 ranks, (1, 3) too
+    assert len(gathers) == (2 if world == 2 else 1), gathers
+    assert "(2, 6)" in gathers[0] and "not sharded along its long side" in gathers[0], gathers
     compare(model, single_process(STEPS))
 
 
@@ -252,9 +300,10 @@ def scenario_checkpoint_resume(rank, world, ckpt):
 
 PHASES = {
     "a": [scenario_ddp, scenario_fsdp, scenario_fsdp_qr_amsgrad, scenario_fsdp_reference,
-          scenario_fallback_short_dim, scenario_one_all_reduce_per_bucket, scenario_partial_raises,
+          scenario_fsdp_triton, scenario_fallback_short_dim, scenario_one_all_reduce_per_bucket, scenario_partial_raises,
           scenario_checkpoint_save],
-    "b": [scenario_fsdp, scenario_fallback_short_dim, scenario_checkpoint_resume],
+    "b": [scenario_fsdp, scenario_fsdp_triton, scenario_fallback_short_dim,
+          scenario_checkpoint_resume],
 }
 
 

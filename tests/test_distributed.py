@@ -74,6 +74,12 @@ def test_fsdp2_long_dim_sharding_equals_one_process(runs, phase, scenario):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("phase", ["a", "b"])  # 2 ranks (uneven shard), 3 ranks (and an empty one)
+def test_fsdp2_triton_backend_steps_local_shards(runs, phase):
+    _check(runs, phase, "fsdp_triton")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["a", "b"])
 def test_fsdp2_other_layout_falls_back_to_gather(runs, phase):
     _check(runs, phase, "fallback_short_dim")

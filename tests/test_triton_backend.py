@@ -302,3 +302,61 @@ def test_step_under_torch_compile(gen):
     compiled_step()
     REF.step(qs, g, *st_r, hp)
     assert _rel(ps[0], qs[0]) < 1e-5
+
+
+# ----------------------------------------------------------------------------- local shards
+def test_launch_config_of_an_empty_shard_launches_nothing():
+    """A rank whose shard of the long side is empty (FSDP2) gets no program, zero Gram sums."""
+    from stiefel_kernels.kernels import launch
+
+    cfg = launch.launch_config(0, 4, 3, torch.device("cpu"))
+    assert cfg["num_chunks"] == 0 and cfg["rows_per_chunk"] > 0
+    assert launch.orientation((2, 2), row_orthonormal=True) == (2, 2, 1, 2)
+    assert launch.orientation((1, 3), row_orthonormal=False) == (1, 3, 3, 1)
+    assert launch.orientation((1, 3)) == (3, 1, 1, 3)
+
+
+class _OneRank:
+    """A ShardGroup of one rank (nothing to sum): the local-shard path on a whole factor."""
+
+    def __init__(self, row_orthonormal):
+        self.row_orthonormal = row_orthonormal
+        self.calls = []
+
+    def reduce(self, t):
+        self.calls.append(tuple(t.shape))
+        return t
+
+    def reduce_grams(self, k, g, h):
+        return k, g, h
+
+
+@pytest.mark.parametrize("shape, rows", [((3, 3), True), ((3, 3), False), ((0, 4), False),
+                                         ((4, 0), True)])
+def test_local_shard_orientation_and_empty_shards_match_torch(shape, rows):
+    """A shard that looks square or the other way round is stepped in its global orientation,
+    an empty shard joins the reduction and is left empty; the same as the torch backend given
+    the same shard."""
+    from stiefel_kernels.backends import get_backend
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(*shape, generator=gen)
+    if x.numel():
+        q = torch.linalg.qr(x.mT if rows else x)[0]
+        x = q.mT.contiguous() if rows else q.contiguous()
+    results = {}
+    for name in ("triton", "torch"):
+        p, g = x.clone(), torch.randn(*shape, generator=torch.Generator().manual_seed(6))
+        m, v, st = torch.zeros_like(p), torch.zeros_like(p), torch.zeros((), dtype=torch.float32)
+        group = _OneRank(rows)
+        get_backend(name).step([p], [g], [m], [v], None, [st], _hp(), sharding=group)
+        r = shape[0] if rows else shape[1]
+        results[name] = (p, m, v, group)
+    p_t, m_t, v_t, grp = results["triton"]
+    p_r, m_r, v_r, _ = results["torch"]
+    assert grp.calls == [(1, 3, r, r)]  # one reduction of the stacked (K, G, H)
+    assert p_t.shape == tuple(shape)
+    if p_t.numel():  # fp32 policy, as _compare_with_reference
+        assert _rel(m_t, m_r) < 1e-6 and _rel(v_t, v_r) < 1e-6
+        assert _rel(p_t, p_r) < 1e-5
+        assert orthogonality_error(as_column_form(p_t.mT if rows else p_t)) < 1e-5

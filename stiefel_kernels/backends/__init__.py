@@ -8,7 +8,24 @@ A backend is a module-level object with
 * ``step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp) -> Tensor | None``:
   one Stiefel-AdamW step over a list of Stiefel factors of one parameter group, in place
   (parameters, moments, step counters), returning an optional int32 device tensor counting
-  failed ``r x r`` factorizations (never read on the host inside the step).
+  failed ``r x r`` factorizations (never read on the host inside the step). The lists hold
+  plain tensors: DTensors never reach a backend (see "Sharded factors" below).
+
+Optional attributes (:class:`FunctionBackend` fields):
+
+* ``reports_telemetry``: ``step`` takes ``telemetry=``, a list to which it appends the largest
+  ``||X^T X - I||_F`` of its input factors (0-dim device tensors);
+* ``steps_local_shards``: ``step`` takes ``sharding=`` (a :class:`ShardGroup`) and can step the
+  local shards of factors sharded along their long side.
+
+Sharded factors (FSDP2) are handled once, above the backends, by
+:func:`stiefel_kernels.distributed.backend_step` (which ``StiefelAdamW`` calls): it reads each
+factor's placement and, per bucket of same-shape factors laid out alike, either calls a backend
+with ``steps_local_shards`` on the plain local shards with ``sharding=`` (the global orientation,
+and the hook that sums a bucket's Gram matrices over the shard group: one all-reduce between
+the two passes), or gathers the factors (``full_tensor()``), calls ``step`` on the full
+tensors and keeps each rank's slice (any other layout, or a backend without local-shard
+support; it warns once per layout).
 
 Every backend must give :mod:`.reference`'s result within the tolerance policy of
 ``tests/README.md``. Adding one is local: write the module, call :func:`register_backend`,
@@ -23,7 +40,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["StiefelHyperparams", "Backend", "FunctionBackend", "register_backend", "get_backend",
+__all__ = ["StiefelHyperparams", "Backend", "ShardGroup", "FunctionBackend", "register_backend", "get_backend",
            "available_backends", "auto_backend", "resolve_backend", "ENV_VAR"]
 
 ENV_VAR = "STIEFEL_KERNELS_BACKEND"
@@ -45,6 +62,24 @@ class StiefelHyperparams:
     drift_tol: float
 
 
+class ShardGroup(Protocol):
+    """What a backend with ``steps_local_shards`` is told about one bucket of local shards (all
+    of one global shape, sharded alike along the long side: the sums ``K, G, H`` of pass 1 are
+    partial on each rank). :class:`stiefel_kernels.distributed._Layout` implements it."""
+
+    #: orientation of the *global* factor (a shard's own shape may look the other way)
+    row_orthonormal: bool
+
+    def reduce(self, t: Tensor) -> Tensor:
+        """Sum the contiguous ``t`` in place over the ranks holding the other pieces of the long
+        side (every rank calls it, empty shards included); returns ``t``."""
+        ...
+
+    def reduce_grams(self, k: Tensor, g: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(K, G, H)`` summed over the shard group in one all-reduce (stacked)."""
+        ...
+
+
 class Backend(Protocol):
     name: str
 
@@ -64,6 +99,9 @@ class FunctionBackend:
     step: Callable[..., "Tensor | None"]
     #: ``step`` takes ``telemetry=`` (a list it appends the orthogonality errors of its input to)
     reports_telemetry: bool = False
+    #: ``step`` takes ``sharding=`` (a :class:`ShardGroup`): it steps local shards of factors
+    #: sharded along their long side, calling ``sharding.reduce`` between its passes
+    steps_local_shards: bool = False
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -107,8 +145,8 @@ _TRITON_LOAD_WARNED: set[str] = set()
 
 
 def auto_backend(param: Tensor) -> Backend:
-    """The default backend for a parameter: ``triton`` on CUDA when importable, else ``torch``
-    (always ``torch`` for a DTensor: :mod:`stiefel_kernels.distributed`).
+    """The default backend for a parameter: ``triton`` on CUDA when importable and able to step
+    it, else ``torch`` (a DTensor is judged by its global shape, dtype and device).
 
     Loading the triton backend on CUDA:
 
@@ -121,7 +159,7 @@ def auto_backend(param: Tensor) -> Backend:
     Raises:
         ValueError: for a bad ``STIEFEL_KERNELS_*`` value met while loading the triton backend.
     """
-    if param.device.type == "cuda" and "triton" in _LAZY and not _is_dtensor(param):
+    if param.device.type == "cuda" and "triton" in _LAZY:
         try:
             backend = get_backend("triton")
         except ValueError as exc:
@@ -150,20 +188,9 @@ def resolve_backend(name: str | None, param: Tensor) -> Backend:
         name = os.environ.get(ENV_VAR, "auto") or "auto"
     backend = auto_backend(param) if name == "auto" else get_backend(name)
     reason = backend.unsupported_reason(param)
-    if reason is None and backend.name not in _DTENSOR_BACKENDS and _is_dtensor(param):
-        reason = f"DTensor (FSDP2) parameters are stepped by {sorted(_DTENSOR_BACKENDS)} only"
     if reason is not None:
         raise ValueError(f"backend {backend.name!r} cannot step this parameter: {reason}")
     return backend
-
-
-_DTENSOR_BACKENDS = ("reference", "torch")
-
-
-def _is_dtensor(param: Tensor) -> bool:
-    from ..distributed import is_dtensor
-
-    return is_dtensor(param)
 
 
 # Moments of a Stiefel factor are kept in its working dtype: float32 for half-precision

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import distributed, geometry
+from .. import geometry
 from . import FunctionBackend, StiefelHyperparams, gram_orthogonality_error, state_dtype
 
 name = "reference"
@@ -69,10 +69,10 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
          state_steps: list[Tensor], hp: StiefelHyperparams, *,
          telemetry: list | None = None) -> Tensor | None:
     """``telemetry``: a list to which each factor's ``||X^T X - I||_F`` before its step is
-    appended (0-dim tensors)."""
-    if distributed.has_dtensor(params):  # literal fallback: gather, step full tensors, keep slices
-        return distributed.gathered_step(step, params, grads, exp_avgs, exp_avg_sqs,
-                                         max_exp_avg_sqs, state_steps, hp, telemetry=telemetry)
+    appended (0-dim tensors).
+
+    No local-shard support (the full-matrix retractions need whole factors): a DTensor factor
+    is gathered by :func:`stiefel_kernels.distributed.backend_step` before it gets here."""
     for i, p in enumerate(params):
         work = state_dtype(p)
         grad = grads[i].to(work)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _buckets, cpu_fused, distributed, geometry, gram
+from .. import _buckets, cpu_fused, geometry, gram
 from . import (FunctionBackend, StiefelHyperparams, advance_steps, bias_correction_tensor,
                gram_orthogonality_error, state_dtype)
 
@@ -73,12 +73,10 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     ``telemetry``: a list to which the step appends, per bucket, the largest ``||X^T X - I||_F``
     of its input factors (from the ``K`` it computes anyway; a 0-dim device tensor).
 
-    ``sharding`` (set by :func:`stiefel_kernels.distributed.sharded_step`, which takes over
-    when ``params`` holds DTensors): the tensors are local shards of one bucket; it gives their
-    orientation (``row_orthonormal``) and sums ``(K, G, H)`` over the shards (``reduce_grams``)."""
-    if sharding is None and distributed.has_dtensor(params):
-        return distributed.sharded_step(step, params, grads, exp_avgs, exp_avg_sqs,
-                                        max_exp_avg_sqs, state_steps, hp, telemetry=telemetry)
+    ``sharding`` (a :class:`~stiefel_kernels.backends.ShardGroup`, given by
+    :func:`stiefel_kernels.distributed.backend_step` for factors sharded along their long side):
+    the tensors are local shards of one bucket; it gives their global orientation
+    (``row_orthonormal``) and sums ``(K, G, H)`` over the shards (``reduce_grams``)."""
     failures = None
     for idx in _buckets.buckets(params).values():
         ps = [params[i] for i in idx]
@@ -127,4 +125,5 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     return failures
 
 
-BACKEND = FunctionBackend(name, unsupported_reason, step, reports_telemetry=True)
+BACKEND = FunctionBackend(name, unsupported_reason, step, reports_telemetry=True,
+                          steps_local_shards=True)

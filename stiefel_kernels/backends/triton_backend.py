@@ -40,6 +40,7 @@ triton is imported); that is how the tests cover them without a GPU.
 """
 from __future__ import annotations
 
+import math
 import operator
 import os
 from collections import OrderedDict, defaultdict
@@ -71,8 +72,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def unsupported_reason(param: Tensor) -> str | None:
-    """``None`` when the kernels can step ``param``, else why not."""
+def unsupported_reason(param: Tensor, *, row_orthonormal: bool | None = None) -> str | None:
+    """``None`` when the kernels can step ``param``, else why not.
+
+    ``row_orthonormal`` (given for the local shard of a sharded factor): the global
+    orientation, which says which side is the rank; a shard may be empty."""
     if param.device.type == "cuda":
         pass
     elif param.device.type == "cpu":
@@ -86,12 +90,15 @@ def unsupported_reason(param: Tensor) -> str | None:
                 "convert the factor to one of them, or use backend='torch' or 'reference'")
     if param.dim() < 2:
         return f"a Stiefel factor needs at least 2 dims, got shape {tuple(param.shape)}"
-    r = min(param.shape[-2], param.shape[-1])
+    if row_orthonormal is None:
+        r = min(param.shape[-2], param.shape[-1])
+    else:
+        r = param.shape[-2] if row_orthonormal else param.shape[-1]
     if r > MAX_RANK:
         return (f"rank {r} (the shorter side) is above the Triton kernels' limit of {MAX_RANK} "
                 f"(above it no tile configuration compiles for sm_90 without register spills); "
                 f"use backend='torch' (backend='auto' does so by itself)")
-    if param.numel() == 0:
+    if param.numel() == 0 and row_orthonormal is None:
         return "empty parameter"
     return None
 
@@ -113,7 +120,8 @@ class _Plan:
 
     __slots__ = ("launches", "ranks")
 
-    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad: bool):
+    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad: bool,
+                 rows: bool | None = None):
         device = params[0].device
         self.launches = []  # (ptrs, shape, p dtype, g dtype, cfg, num, r, bc offset, partials)
         self.ranks: dict[int, int] = {}  # rank -> number of its buckets (small-step batches)
@@ -121,8 +129,10 @@ class _Plan:
         for start, stop in _runs(params, grads):
             p0 = params[start]
             shape = p0.shape
-            num = (stop - start) * (p0.numel() // (shape[-2] * shape[-1]))
-            n, r, _, _ = _orientation(shape)
+            num = (stop - start) * math.prod(shape[:-2])
+            if num == 0:  # a rank holding none of a stack's matrices (sharded over its stack dim)
+                continue
+            n, r, _, _ = _orientation(shape, rows)
             cfg = launch_config(n, r, num, device)
             ptrs = pointer_array([params[start:stop], grads[start:stop], exp_avgs[start:stop],
                                   exp_avg_sqs[start:stop],
@@ -143,18 +153,20 @@ _shape = operator.attrgetter("shape")
 _dtype = operator.attrgetter("dtype")
 
 
-def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad: bool) -> _Plan:
+def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad: bool,
+          rows: bool | None = None) -> _Plan:
     """The cached :class:`_Plan` of these tensors. The key holds every pointer, every
-    parameter's shape and dtype and every gradient's dtype, so a plan is reused only for the
-    very same memory laid out the same way (the caller has checked the tensors: contiguous,
-    moments of the parameters' shapes)."""
-    key = (amsgrad, tuple(map(_data_ptr, params)), tuple(map(_data_ptr, grads)),
+    parameter's shape and dtype, every gradient's dtype and the orientation override ``rows``
+    (local shards), so a plan is reused only for the very same memory laid out the same way
+    (the caller has checked the tensors: contiguous, moments of the parameters' shapes)."""
+    key = (amsgrad, rows, tuple(map(_data_ptr, params)), tuple(map(_data_ptr, grads)),
            tuple(map(_data_ptr, exp_avgs)), tuple(map(_data_ptr, exp_avg_sqs)),
            tuple(map(_data_ptr, max_exp_avg_sqs)), tuple(map(_shape, params)),
            tuple(map(_dtype, params)), tuple(map(_dtype, grads)))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _Plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)
+        plan = _PLANS[key] = _Plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad,
+                                   rows)
         if len(_PLANS) > _PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
     else:
@@ -178,19 +190,27 @@ def _group_step_impl(params: list[Tensor], grads: list[Tensor], exp_avgs: list[T
 
 def _group_step_core(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc, lr, beta1, beta2,
                      eps, maximize, retraction, cayley_iters, ns_steps, drift_tol,
-                     telemetry: list | None = None) -> Tensor:
+                     telemetry: list | None = None, sharding=None) -> Tensor:
     """:func:`_group_step_impl`; ``telemetry`` (eager steps only): a list to which the largest
-    ``||K - I||_F`` of each rank's factors is appended (0-dim device tensors)."""
+    ``||K - I||_F`` of each rank's factors is appended (0-dim device tensors). ``sharding``
+    (eager steps only; a :class:`~stiefel_kernels.backends.ShardGroup`): the tensors are the
+    local shards of one bucket; each bucket's stacked ``(K, G, H)`` is summed over the shard
+    group (one all-reduce) before the small step."""
     hp = StiefelHyperparams(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                             amsgrad=len(max_exp_avg_sqs) > 0, maximize=maximize,
                             retraction=retraction, cayley_iters=cayley_iters, ns_steps=ns_steps,
                             drift_tol=drift_tol)
-    plan = _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hp.amsgrad)
+    rows = None if sharding is None else sharding.row_orthonormal
+    plan = _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hp.amsgrad, rows)
     grams_by_rank: dict[int, list[Tensor]] = defaultdict(list)
     slots = []
     for ptrs, shape, p_dtype, g_dtype, cfg, num, r, off, partials in plan.launches:
         bcs = bc[:, off:off + num]
-        grams_by_rank[r].append(pass1(ptrs, shape, p_dtype, g_dtype, bcs, hp, cfg, num, partials))
+        grams = pass1(ptrs, shape, p_dtype, g_dtype, bcs, hp, cfg, num, partials,
+                      row_orthonormal=rows)
+        if sharding is not None:  # every rank, empty shards included; then identical everywhere
+            grams = sharding.reduce(grams.contiguous())
+        grams_by_rank[r].append(grams)
         slots.append(len(grams_by_rank[r]) - 1)
     coefs, failures = {}, None
     for r, grams in grams_by_rank.items():
@@ -205,7 +225,8 @@ def _group_step_core(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc, 
         if count is not None:
             failures = count if failures is None else failures + count
     for (ptrs, shape, p_dtype, _, cfg, num, r, off, _), j in zip(plan.launches, slots):
-        pass2(ptrs, shape, p_dtype, bc[:, off:off + num], coefs[r][j], hp, cfg, num)
+        pass2(ptrs, shape, p_dtype, bc[:, off:off + num], coefs[r][j], hp, cfg, num,
+              row_orthonormal=rows)
     if failures is None:
         failures = torch.zeros((), dtype=torch.int32, device=params[0].device)
     return failures
@@ -257,19 +278,20 @@ class _Layout(NamedTuple):
 _LAYOUTS: OrderedDict = OrderedDict()
 
 
-def _layout(params: list[Tensor], grads: list[Tensor], key: tuple) -> _Layout:
+def _layout(params: list[Tensor], grads: list[Tensor], key: tuple,
+            rows: bool | None = None) -> _Layout:
     layout = _LAYOUTS.get(key)
     if layout is not None:
         return layout
     for i, p in enumerate(params):  # once per layout: the checks only depend on the key
-        reason = unsupported_reason(p)
+        reason = unsupported_reason(p, row_orthonormal=rows)
         if reason is not None:
             raise ValueError(f"triton backend: factor {i} ({p.dtype}, shape {tuple(p.shape)}): {reason}")
     # group by device (one op each), order by bucket so that buckets are contiguous runs
     by_device: dict[torch.device, list[int]] = {}
     for bkey, bucket in _buckets.buckets(params, grads).items():
         by_device.setdefault(bkey.device, []).extend(bucket)
-    groups = tuple((dev, tuple(idx), tuple(params[i].numel() // (params[i].shape[-2] * params[i].shape[-1])
+    groups = tuple((dev, tuple(idx), tuple(math.prod(params[i].shape[:-2])
                                            for i in idx))
                    for dev, idx in by_device.items())
     identity = len(groups) == 1 and groups[0][1] == tuple(range(len(params)))
@@ -301,8 +323,15 @@ def _check_states(params: list[Tensor], shapes: tuple, layout: _Layout,
 def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
          exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
          state_steps: list[Tensor], hp: StiefelHyperparams, *,
-         telemetry: list | None = None) -> Tensor | None:
+         telemetry: list | None = None, sharding=None) -> Tensor | None:
     """One Stiefel-AdamW step over ``params`` (see :mod:`stiefel_kernels.backends`).
+
+    ``sharding`` (a :class:`~stiefel_kernels.backends.ShardGroup`, given by
+    :func:`stiefel_kernels.distributed.backend_step` for factors sharded along their long side):
+    the tensors are the local shards of one bucket (possibly empty, possibly looking the other
+    way round: the orientation is ``sharding.row_orthonormal``); pass 1 runs on them, the
+    bucket's ``(K, G, H)`` are summed over the shard group in one all-reduce, then the small
+    step (the same on every rank) and pass 2 on the local shards. Such a step runs eagerly.
 
     Every check runs before anything changes. Errors name a factor by its index in ``params``
     (this module does not know names; ``StiefelAdamW`` checks the same before any group steps
@@ -316,9 +345,10 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     if not params:
         return None
     shapes = tuple(map(_shape, params))
+    rows = None if sharding is None else sharding.row_orthonormal
     key = (shapes, tuple(map(_dtype, params)), tuple(map(_dtype, grads)),
-           tuple(map(_device, params)), _interpreting())
-    layout = _layout(params, grads, key)
+           tuple(map(_device, params)), _interpreting(), rows)
+    layout = _layout(params, grads, key, rows)
     if tuple(map(_shape, grads)) != shapes:
         i = next(i for i, (p, g) in enumerate(zip(params, grads)) if g.shape != p.shape)
         raise ValueError(f"triton backend: factor {i}: gradient of shape {tuple(grads[i].shape)} "
@@ -345,7 +375,10 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         # the version counter of every tensor argument: ~1 ms for 256 factors)
         args = (ps, gs, ms, vs, xs, bc, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.maximize,
                 hp.retraction, hp.cayley_iters, hp.ns_steps, hp.drift_tol)
-        count = _group_step(*args) if compiling else _group_step_core(*args, telemetry=telemetry)
+        if compiling and sharding is None:
+            count = _group_step(*args)
+        else:
+            count = _group_step_core(*args, telemetry=telemetry, sharding=sharding)
         failures = count if failures is None else failures + count
     for orig, new in zip(tensors, staged):
         if new is not orig:
@@ -355,4 +388,5 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     return failures
 
 
-BACKEND = FunctionBackend(name, unsupported_reason, step, reports_telemetry=True)
+BACKEND = FunctionBackend(name, unsupported_reason, step, reports_telemetry=True,
+                          steps_local_shards=True)

@@ -107,6 +107,10 @@ def launch_config(n: int, r: int, num_factors: int, device: torch.device,
     tile_n, num_warps, num_stages = tile_config(r_pad, dot_precision)
     if block_n is None:
         block_n = tile_n
+    if n == 0:  # an empty shard (FSDP2): no program to launch, its Gram sums are zero
+        return dict(R_PAD=r_pad, BLOCK_N=block_n, rows_per_chunk=block_n, num_chunks=0,
+                    num_warps=num_warps, num_stages=num_stages,
+                    pass2_num_warps=PASS2_WARPS.get((r_pad, dot_precision or DOT_PRECISION), num_warps))
     if num_chunks is None:
         sms = sm_count if sm_count is not None else device_sm_count(device)
         min_rows = max(block_n, 16 * r_pad)
@@ -135,9 +139,10 @@ _ALIGN_ATTR = "_stiefel_kernels_align16"
 
 
 def _matrix_pointers(t: Tensor) -> list[int]:
-    """``data_ptr()`` of every matrix of a contiguous ``(..., a, b)`` tensor."""
+    """``data_ptr()`` of every matrix of a contiguous ``(..., a, b)`` tensor (an empty matrix,
+    e.g. an empty shard, has the tensor's pointer: the kernels read nothing there)."""
     mat = t.shape[-2] * t.shape[-1]
-    count = t.numel() // mat
+    count = math.prod(t.shape[:-2])
     base, step = t.data_ptr(), mat * t.element_size()
     return [base + s * step for s in range(count)]
 
@@ -181,20 +186,25 @@ def aligned_elements(dtypes, ld: int, aligned: bool) -> int:
 
 
 # ----------------------------------------------------------------------------- passes
-def orientation(shape) -> tuple[int, int, int, int]:
-    """``(n, r, stride_n, stride_r)`` of the column form of a contiguous ``(..., a, b)`` matrix."""
+def orientation(shape, row_orthonormal: bool | None = None) -> tuple[int, int, int, int]:
+    """``(n, r, stride_n, stride_r)`` of the column form of a contiguous ``(..., a, b)`` matrix.
+
+    ``row_orthonormal``: the orientation when the shape alone does not tell it (a local shard of
+    a factor sharded along its long side may look square or the other way round); default: wide
+    when ``a < b``."""
     a, b = shape[-2], shape[-1]
-    if a < b:  # wide, row-orthonormal: X = A^T
+    if (a < b) if row_orthonormal is None else row_orthonormal:  # wide, row-orthonormal: X = A^T
         return b, a, 1, b
     return a, b, b, 1
 
 
 def pass1_launch(ptrs: Tensor, shape, p_dtype: torch.dtype, g_dtype: torch.dtype, bc: Tensor,
                  hp: StiefelHyperparams, cfg: dict, num_factors: int, partials: Tensor, *,
-                 aligned: bool | None = None, dot_precision: str | None = None):
+                 aligned: bool | None = None, dot_precision: str | None = None,
+                 row_orthonormal: bool | None = None):
     """``(grid, args, kwargs)`` of one pass-1 launch (what :func:`pass1` launches and what
-    ``bench/kernel_report.py`` compiles)."""
-    n, r, s_n, s_r = orientation(shape)
+    ``bench/kernel_report.py`` compiles); ``row_orthonormal`` as in :func:`orientation`."""
+    n, r, s_n, s_r = orientation(shape, row_orthonormal)
     wide = s_n == 1
     ld = s_r if wide else s_n
     if aligned is None:
@@ -213,19 +223,24 @@ def pass1_launch(ptrs: Tensor, shape, p_dtype: torch.dtype, g_dtype: torch.dtype
 
 def pass1(ptrs: Tensor, shape, p_dtype: torch.dtype, g_dtype: torch.dtype, bc: Tensor,
           hp: StiefelHyperparams, cfg: dict, num_factors: int,
-          partials: Tensor | None = None, *, aligned: bool | None = None) -> Tensor:
+          partials: Tensor | None = None, *, aligned: bool | None = None,
+          row_orthonormal: bool | None = None) -> Tensor:
     """Launch pass 1; returns the reduced Gram matrices ``(F, 3, r, r)`` (K, G, H), fp32.
 
     ``partials`` (``(F, num_chunks, 3, R_PAD, R_PAD)`` fp32) may be given (tests poison it).
     ``aligned``: whether every pointer is 16-byte aligned (default: as :func:`pointer_array`
-    recorded; ``False`` forces the unaligned kernel)."""
-    r = orientation(shape)[1]
+    recorded; ``False`` forces the unaligned kernel). ``row_orthonormal`` as in
+    :func:`orientation`. An empty shard (``n = 0``, ``num_chunks = 0``) launches nothing: its
+    sums are zero."""
+    r = orientation(shape, row_orthonormal)[1]
     r_pad, chunks = cfg["R_PAD"], cfg["num_chunks"]
+    if chunks == 0:
+        return torch.zeros((num_factors, 3, r, r), dtype=torch.float32, device=ptrs.device)
     if partials is None:
         partials = torch.empty((num_factors, chunks, 3, r_pad, r_pad), dtype=torch.float32,
                                device=ptrs.device)
     grid, args, kwargs = pass1_launch(ptrs, shape, p_dtype, g_dtype, bc, hp, cfg, num_factors,
-                                      partials, aligned=aligned)
+                                      partials, aligned=aligned, row_orthonormal=row_orthonormal)
     stiefel_pass1_kernel[grid](*args, **kwargs)
     # fixed order, no atomics; float64 so the error does not grow with the number of chunks
     grams = partials[:, 0] if chunks == 1 else partials.sum(dim=1, dtype=torch.float64).float()
@@ -322,9 +337,10 @@ def small_step(grams: Tensor, hp: StiefelHyperparams, r_pad: int) -> tuple[Tenso
 
 def pass2_launch(ptrs: Tensor, shape, p_dtype: torch.dtype, bc: Tensor, coef: Tensor,
                  hp: StiefelHyperparams, cfg: dict, num_factors: int, *,
-                 aligned: bool | None = None, dot_precision: str | None = None):
+                 aligned: bool | None = None, dot_precision: str | None = None,
+                 row_orthonormal: bool | None = None):
     """``(grid, args, kwargs)`` of one pass-2 launch (:func:`pass2`, ``bench/kernel_report.py``)."""
-    n, r, s_n, s_r = orientation(shape)
+    n, r, s_n, s_r = orientation(shape, row_orthonormal)
     wide = s_n == 1
     ld = s_r if wide else s_n
     if aligned is None:
@@ -341,8 +357,11 @@ def pass2_launch(ptrs: Tensor, shape, p_dtype: torch.dtype, bc: Tensor, coef: Te
 
 def pass2(ptrs: Tensor, shape, p_dtype: torch.dtype, bc: Tensor, coef: Tensor,
           hp: StiefelHyperparams, cfg: dict, num_factors: int, *,
-          aligned: bool | None = None) -> None:
-    """Launch pass 2 (``aligned`` as in :func:`pass1`)."""
+          aligned: bool | None = None, row_orthonormal: bool | None = None) -> None:
+    """Launch pass 2 (``aligned``, ``row_orthonormal`` as in :func:`pass1`; an empty shard
+    launches nothing)."""
+    if cfg["num_chunks"] == 0:
+        return
     grid, args, kwargs = pass2_launch(ptrs, shape, p_dtype, bc, coef, hp, cfg, num_factors,
-                                      aligned=aligned)
+                                      aligned=aligned, row_orthonormal=row_orthonormal)
     stiefel_pass2_kernel[grid](*args, **kwargs)
