@@ -49,6 +49,11 @@ def has_dtensor(ts: Iterable[Any]) -> bool:
     return mod is not None and any(isinstance(t, mod.DTensor) for t in ts)
 
 
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (sharing its storage), or ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def long_dim(p: Tensor) -> int:
     """The dimension a Stiefel factor's Gram matrices sum over (non-negative index): the last of
     a wide ``(..., r, n)`` factor, the second to last of a tall or square one."""

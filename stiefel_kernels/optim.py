@@ -513,7 +513,7 @@ class StiefelAdamW(Optimizer):
                     return None
                 works = dtypes
             keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
-            if group.get("master_weights", False):
+            if stiefel and group.get("master_weights", False):
                 if not set(dtypes) <= set(_HALF):
                     return None  # a group mixing half and other factors: the per-parameter loop
                 keys.append("master")
@@ -577,7 +577,9 @@ class StiefelAdamW(Optimizer):
             return prep.states
         new = [p for p in prep.params if not self.state.get(p)]
         states = [self._init_state(group, p, fused) for p in prep.params]
-        if group.get("master_weights", False):  # made from the factor at its first step with it
+        # made from the factor at its first step with it (Stiefel groups only: the constructor's
+        # default does not apply to Euclidean groups)
+        if group["stiefel"] and group.get("master_weights", False):
             for p, st in zip(prep.params, states):
                 if p.dtype in _HALF and "master" not in st:
                     st["master"] = p.detach().to(torch.float32, copy=True)
@@ -653,8 +655,10 @@ class StiefelAdamW(Optimizer):
                 [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
                 [s["step"] for s in states], hp, telemetry=self._orthogonality)
-            if halves:  # the factors take their master copy's rounding
-                torch._foreach_copy_([p for p, _ in halves], [m for _, m in halves])
+            if halves:  # the factors take their master copy's rounding (shard by shard: DTensors
+                # have no _foreach_copy_, and a master is sharded like its factor)
+                local = distributed.local_tensor
+                torch._foreach_copy_([local(p) for p, _ in halves], [local(m) for _, m in halves])
             if failures is not None:  # stays on the device: read only by retraction_failures
                 self._retraction_failures = (failures if self._retraction_failures is None
                                              else self._retraction_failures + failures)

@@ -211,6 +211,55 @@ def scenario_fsdp_triton(rank, world, ckpt):
     assert all(other == mine for other in gathered), "small-step inputs differ between ranks"
 
 
+def scenario_fsdp_master_bf16(rank, world, ckpt):
+    """bf16 factors with ``master_weights=True`` under FSDP2, given the same gradients as one
+    process (set directly: a bf16 backward's own rounding differs between a sharded and a
+    whole batch): the float32 master copies are DTensors sharded like their factors, equal to
+    one process's within the fp32 policy, orthonormal to 1e-5; each factor holds its master's
+    bf16 rounding."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from stiefel_kernels.distributed import orthogonality_error as ortho
+
+    def factors(model):
+        return [(n, p) for n, p in model.named_parameters() if n.endswith(".A")]
+
+    def run(model, opt):
+        for t in range(STEPS):
+            gen = torch.Generator().manual_seed(500 + t)
+            for _, p in factors(model):
+                g = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+                if isinstance(p, DTensor):
+                    g = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+                p.grad = g
+            opt.step()
+
+    ref_model = Net().to(torch.bfloat16)
+    ref_opt = StiefelAdamW([p for _, p in factors(ref_model)], stiefel=True, lr=2e-2,
+                           master_weights=True)
+    run(ref_model, ref_opt)
+
+    model = Net().to(torch.bfloat16)
+    long_side = stiefel_shard_placement_fn([b.A for b in model.blocks])
+    for b in model.blocks:
+        fully_shard(b, shard_placement_fn=long_side)
+    fully_shard(model, shard_placement_fn=long_side)
+    opt = StiefelAdamW([p for _, p in factors(model)], stiefel=True, lr=2e-2, master_weights=True)
+    run(model, opt)
+    ref_params = dict(factors(ref_model))
+    for name, p in factors(model):
+        master = opt.state[p]["master"]
+        assert isinstance(master, DTensor) and master.placements == p.placements, name
+        want = ref_opt.state[ref_params[name]]["master"]
+        got = master.full_tensor()
+        assert got.dtype == torch.float32
+        rel = float((got - want).norm() / want.norm())
+        assert rel < REL, f"{name}: master relative error {rel:.2e} vs one process"
+        assert float(ortho(master).max()) < 1e-5, name
+        assert torch.equal(p.full_tensor(), got.to(torch.bfloat16)), name
+
+
 def scenario_fallback_short_dim(rank, world, ckpt):
     from torch.distributed.tensor import Shard
 
@@ -300,9 +349,9 @@ def scenario_checkpoint_resume(rank, world, ckpt):
 
 PHASES = {
     "a": [scenario_ddp, scenario_fsdp, scenario_fsdp_qr_amsgrad, scenario_fsdp_reference,
-          scenario_fsdp_triton, scenario_fallback_short_dim, scenario_one_all_reduce_per_bucket, scenario_partial_raises,
+          scenario_fsdp_triton, scenario_fsdp_master_bf16, scenario_fallback_short_dim, scenario_one_all_reduce_per_bucket, scenario_partial_raises,
           scenario_checkpoint_save],
-    "b": [scenario_fsdp, scenario_fsdp_triton, scenario_fallback_short_dim,
+    "b": [scenario_fsdp, scenario_fsdp_triton, scenario_fsdp_master_bf16, scenario_fallback_short_dim,
           scenario_checkpoint_resume],
 }
 

@@ -81,6 +81,12 @@ def test_fsdp2_triton_backend_steps_local_shards(runs, phase):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["a", "b"])
+def test_fsdp2_bf16_factors_with_master_weights_equal_one_process(runs, phase):
+    _check(runs, phase, "fsdp_master_bf16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["a", "b"])
 def test_fsdp2_other_layout_falls_back_to_gather(runs, phase):
     _check(runs, phase, "fallback_short_dim")
 

@@ -104,6 +104,28 @@ def test_master_weights_is_refused_on_a_euclidean_group(gen):
     StiefelAdamW([b], master_weights=True)  # the constructor's default: ignored by Euclidean groups
 
 
+@pytest.mark.parametrize("fused", [None, False])
+def test_default_master_weights_leaves_half_euclidean_params_alone(gen, fused):
+    """The constructor's default reaches a Euclidean group of bf16 parameters: no master copy
+    there (it used to be created and then refused as state of the wrong dtype), and the group
+    steps exactly as torch's AdamW."""
+    a = _factors(gen, [(4, 24)], torch.bfloat16)
+    b = torch.nn.Parameter(torch.randn(24, 4, generator=gen).to(torch.bfloat16))
+    b_ref = torch.nn.Parameter(b.detach().clone())
+    opt = StiefelAdamW([{"params": a, "stiefel": True}, {"params": [b], "fused": fused}],
+                       lr=1e-2, master_weights=True)
+    # fused=None: a Euclidean group defaults to torch's fused AdamW where it exists (optim.py)
+    ref = torch.optim.AdamW([b_ref], lr=1e-2, fused=True if fused is None else fused)
+    for _ in range(3):
+        a[0].grad = torch.randn(a[0].shape, generator=gen).to(torch.bfloat16)
+        b.grad = torch.randn(b.shape, generator=gen).to(torch.bfloat16)
+        b_ref.grad = b.grad.clone()
+        opt.step()
+        ref.step()
+    assert "master" in opt.state[a[0]] and "master" not in opt.state[b]
+    assert torch.equal(b, b_ref)
+
+
 def test_master_weights_with_the_triton_backend(gen):
     pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
