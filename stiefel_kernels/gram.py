@@ -191,15 +191,17 @@ def retraction_coefficients(
 
     # Cayley: coefficients c (2r x r) of Y = [X, D] c. M is linear in lr (M = lr M_1), so one
     # product M_1 N serves the step size and the iteration.
-    amat = lr * mn1
     e1 = torch.cat([eye, torch.zeros_like(k)], dim=-2)
     if retraction == "cayley":
+        amat = lr * mn1
         eye2 = _eye(k, 2 * r)
         c, info = smallmat.solve(eye2 - 0.5 * amat, e1 + 0.5 * amat @ e1)
     else:
+        # c <- e1 + (lr/2) M_1 N (e1 + c): lr scales the 2r x r product, not the 2r x 2r M_1 N
+        half_lr = 0.5 * lr
         c = torch.cat([c0, e0], dim=-2)
         for _ in range(cayley_iters):
-            c = e1 + 0.5 * amat @ (e1 + c)
+            c = torch.addcmul(e1, half_lr, mn1 @ (e1 + c))
     return c[..., :r, :], c[..., r:, :], info
 
 
