@@ -58,7 +58,7 @@ constexpr int64_t kChunkRows = 4096;
 // elements of one scratch array of a sub-block: tall 32 KiB float32 (L1), wide 128 KiB (L2: the
 // dot-product tiles of the wide layout reduce their lanes once per sub-block, so longer rows pay)
 constexpr int64_t kScratchElems = 8192;
-constexpr int64_t kWideScratchElems = 32768;
+constexpr int64_t kWideScratchElems = 4096;
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
     !defined(STIEFEL_NO_TARGET_CLONES)
@@ -206,45 +206,84 @@ SK_INLINE void direction(const S* __restrict m, const S* __restrict v, S* __rest
 
 // ----------------------------------------------------------------------- Gram micro-kernels
 // Tall scratch: x, d are nb x rp row-major (columns >= r are zero). acc* are ra x ra (ra = rp).
-template <typename S>
+// Register tiles of 4 rows (it..it+3) x NV vectors of columns from jt: with kKH, K, G and H
+// (tiles reaching the diagonal or above it), else G only (strictly below the diagonal). Every
+// accumulator element sums its products over the rows in row order.
+template <typename S, int NV, bool kKH>
+SK_INLINE void gram_tall_tile(const S* __restrict x, const S* __restrict d, int64_t nb, int64_t rp,
+                              int64_t it, int64_t jt, S* __restrict K, S* __restrict G,
+                              S* __restrict H) {
+  constexpr int W = VecOf<S>::W;
+  vec<S> k[4][NV], g[4][NV], h[4][NV];
+  for (int a = 0; a < 4; ++a) {
+    for (int c = 0; c < NV; ++c) {
+      g[a][c] = vload(G + (it + a) * rp + jt + c * W);
+      if constexpr (kKH) {
+        k[a][c] = vload(K + (it + a) * rp + jt + c * W);
+        h[a][c] = vload(H + (it + a) * rp + jt + c * W);
+      }
+    }
+  }
+  for (int64_t row = 0; row < nb; ++row) {
+    const S* xr = x + row * rp;
+    const S* dr = d + row * rp;
+    vec<S> xb[NV], db[NV];
+    for (int c = 0; c < NV; ++c) {
+      db[c] = vload(dr + jt + c * W);
+      if constexpr (kKH) xb[c] = vload(xr + jt + c * W);
+    }
+    for (int a = 0; a < 4; ++a) {
+      const S xa = xr[it + a];
+      for (int c = 0; c < NV; ++c) {
+        if constexpr (kKH) k[a][c] += xa * xb[c];
+        g[a][c] += xa * db[c];
+      }
+      if constexpr (kKH) {
+        const S da = dr[it + a];
+        for (int c = 0; c < NV; ++c) h[a][c] += da * db[c];
+      }
+    }
+  }
+  for (int a = 0; a < 4; ++a) {
+    for (int c = 0; c < NV; ++c) {
+      vstore(G + (it + a) * rp + jt + c * W, g[a][c]);
+      if constexpr (kKH) {
+        vstore(K + (it + a) * rp + jt + c * W, k[a][c]);
+        vstore(H + (it + a) * rp + jt + c * W, h[a][c]);
+      }
+    }
+  }
+}
+
+// Calls of `between` in gram_tall for one sub-block (the producer's slices).
+inline int64_t gram_tall_units(int64_t rp, int W) {
+  int64_t units = 0;
+  for (int64_t it = 0; it < rp; it += 4) {
+    const int64_t split = it / W * W;  // columns [0, split): G only; [split, rp): K, G, H
+    units += (split / W + 3) / 4 + ((rp - split) / W + 1) / 2;
+  }
+  return units;
+}
+
+template <typename S, typename F>
 SK_INLINE void gram_tall(const S* __restrict x, const S* __restrict d, int64_t nb, int64_t rp,
-                         S* __restrict K, S* __restrict G, S* __restrict H) {
+                         S* __restrict K, S* __restrict G, S* __restrict H, F&& between) {
   constexpr int W = VecOf<S>::W;
   for (int64_t it = 0; it < rp; it += 4) {
-    for (int64_t jt = 0; jt < rp; jt += W) {
-      if (jt + W > it) {  // the tile reaches the diagonal or lies above it: K, G, H
-        vec<S> k[4], g[4], h[4];
-        for (int a = 0; a < 4; ++a) {
-          k[a] = vload(K + (it + a) * rp + jt);
-          g[a] = vload(G + (it + a) * rp + jt);
-          h[a] = vload(H + (it + a) * rp + jt);
-        }
-        for (int64_t row = 0; row < nb; ++row) {
-          const S* xr = x + row * rp;
-          const S* dr = d + row * rp;
-          const vec<S> xb = vload(xr + jt), db = vload(dr + jt);
-          for (int a = 0; a < 4; ++a) {
-            const S xa = xr[it + a], da = dr[it + a];
-            k[a] += xa * xb;
-            g[a] += xa * db;
-            h[a] += da * db;
-          }
-        }
-        for (int a = 0; a < 4; ++a) {
-          vstore(K + (it + a) * rp + jt, k[a]);
-          vstore(G + (it + a) * rp + jt, g[a]);
-          vstore(H + (it + a) * rp + jt, h[a]);
-        }
-      } else {  // strictly below the diagonal: G only
-        vec<S> g[4];
-        for (int a = 0; a < 4; ++a) g[a] = vload(G + (it + a) * rp + jt);
-        for (int64_t row = 0; row < nb; ++row) {
-          const S* xr = x + row * rp;
-          const vec<S> db = vload(d + row * rp + jt);
-          for (int a = 0; a < 4; ++a) g[a] += xr[it + a] * db;
-        }
-        for (int a = 0; a < 4; ++a) vstore(G + (it + a) * rp + jt, g[a]);
+    const int64_t split = it / W * W;
+    for (int64_t jt = 0; jt < split; jt += 4 * W) {
+      switch (std::min<int64_t>(4, (split - jt) / W)) {
+        case 4: gram_tall_tile<S, 4, false>(x, d, nb, rp, it, jt, K, G, H); break;
+        case 3: gram_tall_tile<S, 3, false>(x, d, nb, rp, it, jt, K, G, H); break;
+        case 2: gram_tall_tile<S, 2, false>(x, d, nb, rp, it, jt, K, G, H); break;
+        default: gram_tall_tile<S, 1, false>(x, d, nb, rp, it, jt, K, G, H); break;
       }
+      between();
+    }
+    for (int64_t jt = split; jt < rp; jt += 2 * W) {
+      if (jt + 2 * W <= rp) gram_tall_tile<S, 2, true>(x, d, nb, rp, it, jt, K, G, H);
+      else gram_tall_tile<S, 1, true>(x, d, nb, rp, it, jt, K, G, H);
+      between();
     }
   }
 }
@@ -273,9 +312,9 @@ SK_INLINE void dot_tile(const S* __restrict u, const S* __restrict w, int64_t st
 
 // Wide scratch: x, d are r4 rows (rows >= r zero) of `stride` columns, the first len in use
 // (len a multiple of W, columns past the valid ones zero). acc* are r4 x r4.
-template <typename S>
+template <typename S, typename F>
 SK_INLINE void gram_wide(const S* __restrict x, const S* __restrict d, int64_t r4, int64_t stride,
-                         int64_t len, S* __restrict K, S* __restrict G, S* __restrict H) {
+                         int64_t len, S* __restrict K, S* __restrict G, S* __restrict H, F&& between) {
   for (int64_t i0 = 0; i0 < r4; i0 += 4) {
     for (int64_t j0 = 0; j0 < r4; j0 += 4) {
       if (j0 >= i0) {
@@ -283,61 +322,96 @@ SK_INLINE void gram_wide(const S* __restrict x, const S* __restrict d, int64_t r
         dot_tile(d, d, stride, len, i0, j0, H, r4);
       }
       dot_tile(x, d, stride, len, i0, j0, G, r4);
+      between();
     }
   }
 }
 
 // ----------------------------------------------------------------------- pass-2 micro-kernels
 // Tall: rows [0, nb) of x, d (rp columns) -> y = x + (x Cm + d E); Cm, E are rp x rp (zero pad).
-template <typename S>
+// Register tiles of 4 rows x NV vectors; each output element sums over i in order, the x term
+// before the d term of each i.
+template <typename S, int NV>
+SK_INLINE void apply_tall_tile(const S* __restrict x, const S* __restrict d, int64_t row0, int64_t jt,
+                               int64_t r, int64_t rp, const S* __restrict cm, const S* __restrict e,
+                               S* __restrict y) {
+  constexpr int W = VecOf<S>::W;
+  vec<S> acc[4][NV];
+  for (int a = 0; a < 4; ++a)
+    for (int c = 0; c < NV; ++c) acc[a][c] = vec<S>{};
+  for (int64_t i = 0; i < r; ++i) {
+    vec<S> cv[NV], ev[NV];
+    for (int c = 0; c < NV; ++c) {
+      cv[c] = vload(cm + i * rp + jt + c * W);
+      ev[c] = vload(e + i * rp + jt + c * W);
+    }
+    for (int a = 0; a < 4; ++a) {
+      const S xa = x[(row0 + a) * rp + i], da = d[(row0 + a) * rp + i];
+      for (int c = 0; c < NV; ++c) {
+        acc[a][c] += xa * cv[c];
+        acc[a][c] += da * ev[c];
+      }
+    }
+  }
+  for (int a = 0; a < 4; ++a)
+    for (int c = 0; c < NV; ++c)
+      vstore(y + (row0 + a) * rp + jt + c * W, vload(x + (row0 + a) * rp + jt + c * W) + acc[a][c]);
+}
+
+inline int64_t apply_tall_units(int64_t nb, int64_t rp, int W) { return (nb + 3) / 4 * ((rp / W + 3) / 4); }
+
+template <typename S, typename F>
 SK_INLINE void apply_tall(const S* __restrict x, const S* __restrict d, int64_t nb, int64_t r,
                           int64_t rp, const S* __restrict cm, const S* __restrict e,
-                          S* __restrict y) {
+                          S* __restrict y, F&& between) {
   constexpr int W = VecOf<S>::W;
   for (int64_t row0 = 0; row0 < nb; row0 += 4) {  // scratch has a multiple of 4 rows
-    for (int64_t jt = 0; jt < rp; jt += W) {
-      vec<S> acc[4];
-      for (int a = 0; a < 4; ++a) acc[a] = vec<S>{};
-      for (int64_t i = 0; i < r; ++i) {
-        const vec<S> cv = vload(cm + i * rp + jt), ev = vload(e + i * rp + jt);
-        for (int a = 0; a < 4; ++a) {
-          acc[a] += x[(row0 + a) * rp + i] * cv;
-          acc[a] += d[(row0 + a) * rp + i] * ev;
-        }
+    for (int64_t jt = 0; jt < rp; jt += 4 * W) {
+      switch (std::min<int64_t>(4, (rp - jt) / W)) {
+        case 4: apply_tall_tile<S, 4>(x, d, row0, jt, r, rp, cm, e, y); break;
+        case 3: apply_tall_tile<S, 3>(x, d, row0, jt, r, rp, cm, e, y); break;
+        case 2: apply_tall_tile<S, 2>(x, d, row0, jt, r, rp, cm, e, y); break;
+        default: apply_tall_tile<S, 1>(x, d, row0, jt, r, rp, cm, e, y); break;
       }
-      for (int a = 0; a < 4; ++a)
-        vstore(y + (row0 + a) * rp + jt, vload(x + (row0 + a) * rp + jt) + acc[a]);
+      between();
     }
   }
 }
 
-// Wide: A-rows j of y = x_j + sum_i Cm[i, j] x_i + E[i, j] d_i over len (a multiple of 2W)
-// columns; Cm, E are r4 x r4 (zero pad), x, d, y have r4 rows of `stride` columns.
-template <typename S>
+// Wide: A-rows j of y = x_j + sum_i Cm[i, j] x_i + E[i, j] d_i over len (a multiple of 4W)
+// columns; Cm, E are r4 x r4 (zero pad), x, d, y have r4 rows of `stride` columns. Register
+// tiles of 4 rows x 4 vectors; each output element sums over i in order (x term, then d term).
+template <typename S, typename F>
 SK_INLINE void apply_wide(const S* __restrict x, const S* __restrict d, int64_t r, int64_t r4,
                           int64_t stride, int64_t len, const S* __restrict cm,
-                          const S* __restrict e, S* __restrict y) {
+                          const S* __restrict e, S* __restrict y, F&& between) {
   constexpr int W = VecOf<S>::W;
+  constexpr int NV = 4;
   for (int64_t j0 = 0; j0 < r4; j0 += 4) {
-    for (int64_t k = 0; k < len; k += 2 * W) {
-      vec<S> acc[4][2];
-      for (int b = 0; b < 4; ++b) acc[b][0] = acc[b][1] = vec<S>{};
+    for (int64_t k = 0; k < len; k += NV * W) {
+      vec<S> acc[4][NV];
+      for (int b = 0; b < 4; ++b)
+        for (int c = 0; c < NV; ++c) acc[b][c] = vec<S>{};
       for (int64_t i = 0; i < r; ++i) {
-        const vec<S> x0 = vload(x + i * stride + k), x1 = vload(x + i * stride + k + W);
-        const vec<S> d0 = vload(d + i * stride + k), d1 = vload(d + i * stride + k + W);
+        vec<S> xv[NV], dv[NV];
+        for (int c = 0; c < NV; ++c) {
+          xv[c] = vload(x + i * stride + k + c * W);
+          dv[c] = vload(d + i * stride + k + c * W);
+        }
         for (int b = 0; b < 4; ++b) {
           const S cb = cm[i * r4 + j0 + b], eb = e[i * r4 + j0 + b];
-          acc[b][0] += cb * x0;
-          acc[b][1] += cb * x1;
-          acc[b][0] += eb * d0;
-          acc[b][1] += eb * d1;
+          for (int c = 0; c < NV; ++c) {
+            acc[b][c] += cb * xv[c];
+            acc[b][c] += eb * dv[c];
+          }
         }
       }
       for (int b = 0; b < 4; ++b) {
         const S* xr = x + (j0 + b) * stride + k;
-        vstore(y + (j0 + b) * stride + k, vload(xr) + acc[b][0]);
-        vstore(y + (j0 + b) * stride + k + W, vload(xr + W) + acc[b][1]);
+        for (int c = 0; c < NV; ++c)
+          vstore(y + (j0 + b) * stride + k + c * W, vload(xr + c * W) + acc[b][c]);
       }
+      between();
     }
   }
 }
@@ -357,7 +431,7 @@ struct Geometry {
   int64_t ra = 0;       // accumulator / coefficient dim (tall: rp, wide: r4)
   int64_t rp = 0;       // tall: r rounded up to W
   int64_t r4 = 0;       // wide: r rounded up to 4
-  int64_t block = 0;    // rows of X per sub-block (tall: multiple of 4; wide: multiple of 2W)
+  int64_t block = 0;    // rows of X per sub-block (tall: multiple of 4; wide: multiple of 4W)
   int64_t nchunks = 0;
   int64_t scratch = 0;  // elements of each of the x, d, y scratch arrays
 };
@@ -379,7 +453,7 @@ Geometry make_geometry(int64_t n, int64_t r, bool wide, int W) {
     geo.r4 = round_up(r, 4);
     geo.ra = geo.r4;
     geo.block = std::max<int64_t>(
-        2 * W, std::min<int64_t>(kChunkRows, kWideScratchElems / geo.r4) / (2 * W) * (2 * W));
+        4 * W, std::min<int64_t>(kChunkRows, kWideScratchElems / geo.r4) / (4 * W) * (4 * W));
     geo.scratch = geo.block * geo.r4;
   }
   return geo;
@@ -504,24 +578,182 @@ Hyper<S> make_hyper(double beta1, double beta2, double eps, bool maximize) {
   return h;
 }
 
-// Per-thread scratch of one parallel_for range.
+// Per-thread scratch of one parallel_for range: two x/d buffers (the sub-block being consumed
+// by the micro-kernels and the next one being filled, see Producer), y, the r x r accumulators.
 template <typename S>
 struct Scratch {
   std::vector<S> buf;
-  S *x, *d, *y, *K, *G, *H, *cm, *e;
+  S *x[2], *d[2], *y, *K, *G, *H, *cm, *e;
   explicit Scratch(const Geometry& geo) {
     const int64_t rr = geo.ra * geo.ra;
     const int64_t pad = 64 / sizeof(S);  // slack so that vector tails never leave the buffer
-    buf.assign(3 * (geo.scratch + pad) + 5 * (rr + pad), S(0));
+    buf.assign(5 * (geo.scratch + pad) + 5 * (rr + pad) + pad, S(0));
     S* q = buf.data();
-    x = q; q += geo.scratch + pad;
-    d = q; q += geo.scratch + pad;
-    y = q; q += geo.scratch + pad;
-    K = q; q += rr + pad;
-    G = q; q += rr + pad;
-    H = q; q += rr + pad;
-    cm = q; q += rr + pad;
+    // 64-byte alignment of every array (vload/vstore are unaligned-safe; this only avoids splits)
+    q += (pad - (reinterpret_cast<uintptr_t>(q) / sizeof(S)) % pad) % pad;
+    const int64_t big = round_up(geo.scratch + pad, pad), small = round_up(rr + pad, pad);
+    x[0] = q; q += big;
+    x[1] = q; q += big;
+    d[0] = q; q += big;
+    d[1] = q; q += big;
+    y = q; q += big;
+    K = q; q += small;
+    G = q; q += small;
+    H = q; q += small;
+    cm = q; q += small;
     e = q;
+  }
+};
+
+// ----------------------------------------------------------------------- sub-block pipeline
+// Each parallel_for range walks its sub-blocks (rows [b0, b0 + nb) of one item = one factor's
+// chunk) in order. The elementwise part of sub-block q + 1 (moments, D, x into scratch) is done
+// in slices between the register tiles of the micro-kernels of sub-block q (double-buffered
+// scratch), so the divider (two divisions and a square root per element), the FMA units and the
+// memory stream work at the same time instead of one after the other; the inputs of sub-block
+// q + 2 are prefetched as sub-block q + 1 is filled. The arithmetic of every element and of
+// every Gram sum is the same as without the overlap (same expressions, same order).
+struct Blk {
+  int64_t item = -1, b0 = 0, nb = 0;
+  bool valid() const { return item >= 0; }
+};
+
+SK_INLINE Blk first_blk(const Geometry& geo, int64_t begin, int64_t end) {
+  Blk b;
+  if (begin >= end) return b;
+  b.item = begin;
+  b.b0 = (begin % geo.nchunks) * kChunkRows;
+  b.nb = std::min(geo.block, std::min(geo.n, b.b0 + kChunkRows) - b.b0);
+  return b;
+}
+SK_INLINE Blk next_blk(const Geometry& geo, const Blk& cur, int64_t end) {
+  Blk b;
+  if (!cur.valid()) return b;
+  const int64_t chunk_end = std::min(geo.n, (cur.item % geo.nchunks) * kChunkRows + kChunkRows);
+  if (cur.b0 + cur.nb < chunk_end) {
+    b.item = cur.item;
+    b.b0 = cur.b0 + cur.nb;
+    b.nb = std::min(geo.block, chunk_end - b.b0);
+    return b;
+  }
+  return first_blk(geo, cur.item + 1, end);
+}
+
+// The elementwise work of one sub-block as `nrun` contiguous runs of `runlen` elements (wide: a
+// row of A per run; tall: one run when every tensor is packed, else one row of X per run).
+template <typename P, typename S>
+struct Runs {
+  const P* g = nullptr;
+  S* m = nullptr;
+  S* v = nullptr;
+  S* vmax = nullptr;
+  const P* p = nullptr;
+  int64_t ldg = 0, ldm = 0, ldv = 0, ldx = 0, ldp = 0;
+  int64_t nrun = 0, runlen = 0;
+  S* dd = nullptr;  // scratch destinations (dstride apart)
+  S* dx = nullptr;
+  int64_t dstride = 0;
+  int64_t pad_to = 0;  // wide: scratch columns [runlen, pad_to) of each run are zeroed
+};
+
+template <typename P, typename S>
+SK_INLINE Runs<P, S> make_runs(const Geometry& geo, const Factor& f, const Blk& blk, S* dd, S* dx,
+                               int64_t pad_multiple) {
+  Runs<P, S> R;
+  if (!blk.valid()) return R;
+  const int64_t r = geo.r;
+  int64_t off[kSlots];
+  int64_t ld[kSlots];
+  if (geo.wide) {
+    for (int s = 0; s < kSlots; ++s) { off[s] = blk.b0; ld[s] = f.ld[s]; }
+    R.nrun = r;
+    R.runlen = blk.nb;
+    R.dstride = geo.block;
+    R.pad_to = round_up(blk.nb, pad_multiple);
+  } else {
+    bool flat = geo.rp == r;
+    for (int s = 0; s < kSlots; ++s) flat = flat && (f.ptr[s] == nullptr || f.ld[s] == r);
+    if (flat) {
+      for (int s = 0; s < kSlots; ++s) { off[s] = blk.b0 * r; ld[s] = 0; }
+      R.nrun = 1;
+      R.runlen = blk.nb * r;
+    } else {
+      for (int s = 0; s < kSlots; ++s) { off[s] = blk.b0 * f.ld[s]; ld[s] = f.ld[s]; }
+      R.nrun = blk.nb;
+      R.runlen = r;
+    }
+    R.dstride = geo.rp;
+    R.pad_to = R.runlen;
+  }
+  if (f.ptr[kG]) R.g = reinterpret_cast<const P*>(f.ptr[kG]) + off[kG];
+  R.m = reinterpret_cast<S*>(f.ptr[kM]) + off[kM];
+  R.v = reinterpret_cast<S*>(f.ptr[kV]) + off[kV];
+  if (f.ptr[kVmax]) R.vmax = reinterpret_cast<S*>(f.ptr[kVmax]) + off[kVmax];
+  R.p = reinterpret_cast<const P*>(f.ptr[kP]) + off[kP];
+  R.ldg = ld[kG]; R.ldm = ld[kM]; R.ldv = ld[kV]; R.ldx = ld[kVmax]; R.ldp = ld[kP];
+  R.dd = dd;
+  R.dx = dx;
+  return R;
+}
+
+template <typename T>
+SK_INLINE void prefetch_range(const T* p, int64_t len, bool write) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = len * static_cast<int64_t>(sizeof(T));
+  for (int64_t o = 0; o < bytes; o += 64) {
+    if (write) __builtin_prefetch(c + o, 1, 3);
+    else __builtin_prefetch(c + o, 0, 3);
+  }
+}
+
+// Fills one sub-block's scratch run by run in slices (kPass1: moments and D from g, m, v; else D
+// from m, v), prefetching the same slice of the sub-block after it (`ahead`).
+template <typename P, typename S, bool kPass1, bool kAms>
+struct Producer {
+  static constexpr int64_t kPiece = 64;
+  Runs<P, S> R, ahead;
+  const Hyper<S>* h = nullptr;
+  S eps = 0, bc1 = 1, bc2 = 1;
+  int64_t run = 0, pos = 0;
+
+  bool done() const { return run >= R.nrun; }
+  int64_t total() const { return R.nrun * R.runlen; }
+
+  SK_INLINE void step(int64_t budget) {
+    while (budget > 0 && run < R.nrun) {
+      const int64_t len = std::min(kPiece, R.runlen - pos);
+      S* dd = R.dd + run * R.dstride + pos;
+      S* dx = R.dx + run * R.dstride + pos;
+      const int64_t om = run * R.ldm + pos, ov = run * R.ldv + pos, op = run * R.ldp + pos;
+      if constexpr (kPass1) {
+        const int64_t og = run * R.ldg + pos, ox = run * R.ldx + pos;
+        moments<P, S, kAms>(R.g + og, R.m + om, R.v + ov, kAms ? R.vmax + ox : nullptr, dd, len, *h,
+                            bc1, bc2);
+      } else {
+        direction<S>(R.m + om, R.v + ov, dd, len, eps, bc1, bc2);
+      }
+      convert_in<P, S>(R.p + op, dx, len);
+      if (run < ahead.nrun && pos < ahead.runlen) {
+        const int64_t la = std::min(len, ahead.runlen - pos);
+        prefetch_range(ahead.m + run * ahead.ldm + pos, la, kPass1);
+        prefetch_range(ahead.v + run * ahead.ldv + pos, la, kPass1);
+        prefetch_range(ahead.p + run * ahead.ldp + pos, la, !kPass1);
+        if constexpr (kPass1) {
+          prefetch_range(ahead.g + run * ahead.ldg + pos, la, false);
+          if constexpr (kAms) prefetch_range(ahead.vmax + run * ahead.ldx + pos, la, true);
+        }
+      }
+      pos += len;
+      budget -= len;
+      if (pos == R.runlen) {
+        if (R.pad_to > R.runlen) {
+          std::fill(R.dd + run * R.dstride + R.runlen, R.dd + run * R.dstride + R.pad_to, S(0));
+          std::fill(R.dx + run * R.dstride + R.runlen, R.dx + run * R.dstride + R.pad_to, S(0));
+        }
+        ++run;
+        pos = 0;
+      }
+    }
   }
 };
 
@@ -534,59 +766,9 @@ struct Pass1Ctx {
   S* partials;       // (F, nchunks, 3, r, r)
 };
 
-template <typename P, typename S, bool kAms>
-SK_INLINE void pass1_item_impl(const Pass1Ctx<S>& cx, int64_t item, Scratch<S>& sc) {
-  const Bucket& bk = *cx.bk;
-  const Geometry& geo = bk.geo;
-  constexpr int W = VecOf<S>::W;
-  const int64_t fi = item / geo.nchunks, chunk = item % geo.nchunks;
-  const Factor& f = bk.factors[fi];
-  const S bc1 = static_cast<S>(cx.bc[f.bc_index]);
-  const S bc2 = static_cast<S>(cx.bc[bk.lists + f.bc_index]);
-  const int64_t r = geo.r, ra = geo.ra;
-  const int64_t row_begin = chunk * kChunkRows, row_end = std::min(geo.n, row_begin + kChunkRows);
-  std::fill(sc.K, sc.K + ra * ra, S(0));
-  std::fill(sc.G, sc.G + ra * ra, S(0));
-  std::fill(sc.H, sc.H + ra * ra, S(0));
-  const P* pp = reinterpret_cast<const P*>(f.ptr[kP]);
-  const P* gp = reinterpret_cast<const P*>(f.ptr[kG]);
-  S* mp = reinterpret_cast<S*>(f.ptr[kM]);
-  S* vp = reinterpret_cast<S*>(f.ptr[kV]);
-  S* xp = reinterpret_cast<S*>(f.ptr[kVmax]);
-  for (int64_t b0 = row_begin; b0 < row_end; b0 += geo.block) {
-    const int64_t nb = std::min(geo.block, row_end - b0);
-    if (!geo.wide) {
-      const int64_t rp = geo.rp;
-      const bool flat = rp == r && f.ld[kP] == r && f.ld[kG] == r && f.ld[kM] == r && f.ld[kV] == r &&
-                        (!kAms || f.ld[kVmax] == r);
-      if (flat) {  // the sub-block is one contiguous run in every tensor
-        const int64_t o = b0 * r;
-        moments<P, S, kAms>(gp + o, mp + o, vp + o, kAms ? xp + o : nullptr, sc.d, nb * r, cx.hyp, bc1, bc2);
-        convert_in<P, S>(pp + o, sc.x, nb * r);
-      } else {
-        for (int64_t k = 0; k < nb; ++k) {
-          const int64_t row = b0 + k;
-          moments<P, S, kAms>(gp + row * f.ld[kG], mp + row * f.ld[kM], vp + row * f.ld[kV],
-                              kAms ? xp + row * f.ld[kVmax] : nullptr, sc.d + k * rp, r, cx.hyp, bc1, bc2);
-          convert_in<P, S>(pp + row * f.ld[kP], sc.x + k * rp, r);
-        }
-      }
-      gram_tall<S>(sc.x, sc.d, nb, rp, sc.K, sc.G, sc.H);
-    } else {
-      const int64_t stride = geo.block, len = round_up(nb, W);
-      for (int64_t i = 0; i < r; ++i) {
-        moments<P, S, kAms>(gp + i * f.ld[kG] + b0, mp + i * f.ld[kM] + b0, vp + i * f.ld[kV] + b0,
-                            kAms ? xp + i * f.ld[kVmax] + b0 : nullptr, sc.d + i * stride, nb, cx.hyp,
-                            bc1, bc2);
-        convert_in<P, S>(pp + i * f.ld[kP] + b0, sc.x + i * stride, nb);
-        if (len > nb) {
-          std::fill(sc.d + i * stride + nb, sc.d + i * stride + len, S(0));
-          std::fill(sc.x + i * stride + nb, sc.x + i * stride + len, S(0));
-        }
-      }
-      gram_wide<S>(sc.x, sc.d, geo.r4, stride, len, sc.K, sc.G, sc.H);
-    }
-  }
+template <typename S>
+SK_INLINE void write_partials(const Pass1Ctx<S>& cx, int64_t item, Scratch<S>& sc) {
+  const int64_t r = cx.bk->geo.r, ra = cx.bk->geo.ra;
   S* out = cx.partials + item * 3 * r * r;
   for (int64_t i = 0; i < r; ++i) {
     for (int64_t j = 0; j < r; ++j) {
@@ -598,9 +780,69 @@ SK_INLINE void pass1_item_impl(const Pass1Ctx<S>& cx, int64_t item, Scratch<S>& 
   }
 }
 
+template <typename P, typename S, bool kAms>
+SK_INLINE void pass1_range_impl(const Pass1Ctx<S>& cx, int64_t begin, int64_t end, Scratch<S>& sc) {
+  const Bucket& bk = *cx.bk;
+  const Geometry& geo = bk.geo;
+  constexpr int W = VecOf<S>::W;
+  const int64_t ra = geo.ra;
+  using Prod = Producer<P, S, true, kAms>;
+  auto make_prod = [&](const Blk& b, int buf, const Blk& ahead) {
+    Prod pr;
+    if (!b.valid()) return pr;
+    const Factor& f = bk.factors[b.item / geo.nchunks];
+    pr.R = make_runs<P, S>(geo, f, b, sc.d[buf], sc.x[buf], W);
+    if (ahead.valid())
+      pr.ahead = make_runs<P, S>(geo, bk.factors[ahead.item / geo.nchunks], ahead, nullptr, nullptr, W);
+    pr.h = &cx.hyp;
+    pr.bc1 = static_cast<S>(cx.bc[f.bc_index]);
+    pr.bc2 = static_cast<S>(cx.bc[bk.lists + f.bc_index]);
+    return pr;
+  };
+  Blk cur = first_blk(geo, begin, end);
+  if (!cur.valid()) return;
+  Blk nxt = next_blk(geo, cur, end);
+  Blk nn = next_blk(geo, nxt, end);
+  int buf = 0;
+  {
+    Prod first = make_prod(cur, 0, nxt);
+    first.step(first.total());
+  }
+  std::fill(sc.K, sc.K + ra * ra, S(0));
+  std::fill(sc.G, sc.G + ra * ra, S(0));
+  std::fill(sc.H, sc.H + ra * ra, S(0));
+  while (cur.valid()) {
+    Prod pr = make_prod(nxt, buf ^ 1, nn);
+    const S* x = sc.x[buf];
+    const S* d = sc.d[buf];
+    if (!geo.wide) {
+      const int64_t rp = geo.rp;
+      const int64_t units = gram_tall_units(rp, W);
+      const int64_t quota = (pr.total() + units - 1) / units;
+      gram_tall<S>(x, d, cur.nb, rp, sc.K, sc.G, sc.H, [&]() __attribute__((always_inline)) { pr.step(quota); });
+    } else {
+      const int64_t units = (geo.r4 / 4) * (geo.r4 / 4);
+      const int64_t quota = (pr.total() + units - 1) / units;
+      gram_wide<S>(x, d, geo.r4, geo.block, round_up(cur.nb, W), sc.K, sc.G, sc.H,
+                   [&]() __attribute__((always_inline)) { pr.step(quota); });
+    }
+    pr.step(pr.total());  // whatever the slices left
+    if (!nxt.valid() || nxt.item != cur.item) {
+      write_partials(cx, cur.item, sc);
+      std::fill(sc.K, sc.K + ra * ra, S(0));
+      std::fill(sc.G, sc.G + ra * ra, S(0));
+      std::fill(sc.H, sc.H + ra * ra, S(0));
+    }
+    cur = nxt;
+    nxt = nn;
+    nn = next_blk(geo, nn, end);
+    buf ^= 1;
+  }
+}
+
 #define SK_PASS1_ITEM(NAME, P, S, AMS)                                                         \
   SK_CLONES void NAME(const Pass1Ctx<S>& cx, int64_t begin, int64_t end, Scratch<S>& sc) {   \
-    for (int64_t item = begin; item < end; ++item) pass1_item_impl<P, S, AMS>(cx, item, sc); \
+    pass1_range_impl<P, S, AMS>(cx, begin, end, sc);                                         \
   }
 SK_PASS1_ITEM(pass1_f32, float, float, false)
 SK_PASS1_ITEM(pass1_f32_ams, float, float, true)
@@ -702,65 +944,82 @@ struct Pass2Ctx {
 };
 
 template <typename P, typename S>
-SK_INLINE void pass2_item_impl(const Pass2Ctx<S>& cx, int64_t item, Scratch<S>& sc) {
+SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t end, Scratch<S>& sc) {
   const Bucket& bk = *cx.bk;
   const Geometry& geo = bk.geo;
   constexpr int W = VecOf<S>::W;
-  const int64_t fi = item / geo.nchunks, chunk = item % geo.nchunks;
-  const Factor& f = bk.factors[fi];
-  const S bc1 = static_cast<S>(cx.bc[f.bc_index]);
-  const S bc2 = static_cast<S>(cx.bc[bk.lists + f.bc_index]);
   const int64_t r = geo.r, ra = geo.ra;
-  // C - I (in float64, then rounded) and E, zero-padded to ra x ra
-  const double* cf = cx.c + fi * r * r;
-  const double* ef = cx.e + fi * r * r;
-  for (int64_t i = 0; i < r; ++i) {
-    for (int64_t j = 0; j < r; ++j) {
-      sc.cm[i * ra + j] = static_cast<S>(cf[i * r + j] - (i == j ? 1.0 : 0.0));
-      sc.e[i * ra + j] = static_cast<S>(ef[i * r + j]);
-    }
+  using Prod = Producer<P, S, false, false>;
+  auto make_prod = [&](const Blk& b, int buf, const Blk& ahead) {
+    Prod pr;
+    if (!b.valid()) return pr;
+    const Factor& f = bk.factors[b.item / geo.nchunks];
+    pr.R = make_runs<P, S>(geo, f, b, sc.d[buf], sc.x[buf], 4 * W);
+    if (ahead.valid())
+      pr.ahead = make_runs<P, S>(geo, bk.factors[ahead.item / geo.nchunks], ahead, nullptr, nullptr, 4 * W);
+    pr.eps = cx.eps;
+    pr.bc1 = static_cast<S>(cx.bc[f.bc_index]);
+    pr.bc2 = static_cast<S>(cx.bc[bk.lists + f.bc_index]);
+    return pr;
+  };
+  Blk cur = first_blk(geo, begin, end);
+  if (!cur.valid()) return;
+  Blk nxt = next_blk(geo, cur, end);
+  Blk nn = next_blk(geo, nxt, end);
+  int buf = 0;
+  {
+    Prod first = make_prod(cur, 0, nxt);
+    first.step(first.total());
   }
-  const int64_t row_begin = chunk * kChunkRows, row_end = std::min(geo.n, row_begin + kChunkRows);
-  P* pp = reinterpret_cast<P*>(f.ptr[kP]);
-  const S* mp = reinterpret_cast<const S*>(f.ptr[kM]);
-  const S* vp = reinterpret_cast<const S*>(f.ptr[kV]);
-  for (int64_t b0 = row_begin; b0 < row_end; b0 += geo.block) {
-    const int64_t nb = std::min(geo.block, row_end - b0);
-    if (!geo.wide) {
-      const int64_t rp = geo.rp;
-      const bool flat = rp == r && f.ld[kP] == r && f.ld[kM] == r && f.ld[kV] == r;
-      if (flat) {
-        const int64_t o = b0 * r;
-        direction<S>(mp + o, vp + o, sc.d, nb * r, cx.eps, bc1, bc2);
-        convert_in<P, S>(pp + o, sc.x, nb * r);
-      } else {
-        for (int64_t k = 0; k < nb; ++k) {
-          const int64_t row = b0 + k;
-          direction<S>(mp + row * f.ld[kM], vp + row * f.ld[kV], sc.d + k * rp, r, cx.eps, bc1, bc2);
-          convert_in<P, S>(pp + row * f.ld[kP], sc.x + k * rp, r);
+  int64_t coef_factor = -1;
+  while (cur.valid()) {
+    const int64_t fi = cur.item / geo.nchunks;
+    const Factor& f = bk.factors[fi];
+    if (fi != coef_factor) {  // C - I (in float64, then rounded) and E, zero-padded to ra x ra
+      const double* cf = cx.c + fi * r * r;
+      const double* ef = cx.e + fi * r * r;
+      for (int64_t i = 0; i < r; ++i) {
+        for (int64_t j = 0; j < r; ++j) {
+          sc.cm[i * ra + j] = static_cast<S>(cf[i * r + j] - (i == j ? 1.0 : 0.0));
+          sc.e[i * ra + j] = static_cast<S>(ef[i * r + j]);
         }
       }
-      apply_tall<S>(sc.x, sc.d, nb, r, rp, sc.cm, sc.e, sc.y);
+      coef_factor = fi;
+    }
+    Prod pr = make_prod(nxt, buf ^ 1, nn);
+    const S* x = sc.x[buf];
+    const S* d = sc.d[buf];
+    P* pp = reinterpret_cast<P*>(f.ptr[kP]);
+    const int64_t b0 = cur.b0, nb = cur.nb;
+    if (!geo.wide) {
+      const int64_t rp = geo.rp;
+      const int64_t units = apply_tall_units(nb, rp, W);
+      const int64_t quota = (pr.total() + units - 1) / units;
+      apply_tall<S>(x, d, nb, r, rp, sc.cm, sc.e, sc.y, [&]() __attribute__((always_inline)) { pr.step(quota); });
+      const bool flat = rp == r && f.ld[kP] == r && f.ld[kM] == r && f.ld[kV] == r;
       if (flat) {
         convert_out<P, S>(sc.y, pp + b0 * r, nb * r);
       } else {
         for (int64_t k = 0; k < nb; ++k) convert_out<P, S>(sc.y + k * rp, pp + (b0 + k) * f.ld[kP], r);
       }
     } else {
-      const int64_t stride = geo.block, len = round_up(nb, 2 * W);
-      for (int64_t i = 0; i < r; ++i) {
-        direction<S>(mp + i * f.ld[kM] + b0, vp + i * f.ld[kV] + b0, sc.d + i * stride, nb, cx.eps, bc1, bc2);
-        convert_in<P, S>(pp + i * f.ld[kP] + b0, sc.x + i * stride, nb);
-      }
-      apply_wide<S>(sc.x, sc.d, r, geo.r4, stride, len, sc.cm, sc.e, sc.y);
+      const int64_t stride = geo.block, len = round_up(nb, 4 * W);
+      const int64_t units = (geo.r4 / 4) * (len / (4 * W));
+      const int64_t quota = (pr.total() + units - 1) / units;
+      apply_wide<S>(x, d, r, geo.r4, stride, len, sc.cm, sc.e, sc.y, [&]() __attribute__((always_inline)) { pr.step(quota); });
       for (int64_t i = 0; i < r; ++i) convert_out<P, S>(sc.y + i * stride, pp + i * f.ld[kP] + b0, nb);
     }
+    pr.step(pr.total());
+    cur = nxt;
+    nxt = nn;
+    nn = next_blk(geo, nn, end);
+    buf ^= 1;
   }
 }
 
 #define SK_PASS2_ITEM(NAME, P, S)                                                              \
   SK_CLONES void NAME(const Pass2Ctx<S>& cx, int64_t begin, int64_t end, Scratch<S>& sc) {   \
-    for (int64_t item = begin; item < end; ++item) pass2_item_impl<P, S>(cx, item, sc);      \
+    pass2_range_impl<P, S>(cx, begin, end, sc);                                            \
   }
 SK_PASS2_ITEM(pass2_f32, float, float)
 SK_PASS2_ITEM(pass2_f64, double, double)
