@@ -137,15 +137,24 @@ def time_call(fn, device: torch.device, repeats: int, warmup: int) -> float:
 
 @torch.no_grad()
 def measure(ns, rs, lrs, dtypes, device, repeats: int, warmup: int, adam_steps: int, seed: int,
-            progress=None) -> list[dict]:
-    """One row per (dtype, r, n, retraction, form): ``time_s`` (at ``lrs[0]``) and ``err`` per lr."""
+            progress=None, quiet=None, blocks: list | None = None) -> list[dict]:
+    """One row per (dtype, r, n, retraction, form): ``time_s`` (at ``lrs[0]``) and ``err`` per lr.
+
+    ``quiet``: ``(max_pressure, max_wait)``: before each n, wait (idle) until the CPU pressure is
+    at most ``max_pressure`` %; ``blocks`` gets, per (dtype, r), the pressure at its start, the
+    largest seen after an n, and the seconds waited."""
     rows = []
     for dname in dtypes:
         dtype = DTYPES[dname]
         for r in rs:
+            block = {"dtype": dname, "r": r, "waited_s": 0.0, "pressure_before": None, "pressure_max": None}
             for n in ns:
                 if n < r:
                     continue
+                if quiet is not None:  # before every size: a burst of other work waits out here
+                    block["waited_s"] += wait_quiet(*quiet)
+                if block["pressure_before"] is None:
+                    block["pressure_before"] = cpu_pressure()
                 g = torch.Generator().manual_seed(seed + 1000 * r + n)
                 x = geometry.random_stiefel(n, r, dtype=dtype, generator=g).to(device)
                 d = adam_direction(n, r, dtype, device, g, steps=adam_steps)
@@ -161,6 +170,12 @@ def measure(ns, rs, lrs, dtypes, device, repeats: int, warmup: int, adam_steps: 
                                      "input_err": x_err})
                         if progress is not None:
                             progress.update(1)
+                now = cpu_pressure()
+                if now is not None:
+                    block["pressure_max"] = max(now, block["pressure_max"] or 0.0)
+            block["pressure_after"] = cpu_pressure()
+            if blocks is not None:
+                blocks.append(block)
     return rows
 
 
@@ -202,8 +217,11 @@ def markdown(report: dict) -> str:
     out = [f"Command: `{report['command']}`  ",
            f"Machine: {report['device_name']} ({report['cpus']} CPUs), torch {report['torch']}, "
            f"{report['threads']} thread(s), Python {report['python']}; {report['date']}; wall time "
-           f"{report['wall_s']:.0f} s; CPU pressure (avg10) {report['pressure_before']} % before, "
-           f"{report['pressure_after']} % after.  ",
+           f"{report['wall_s']:.0f} s.  ",
+           "Machine load (/proc/pressure/cpu 'some' avg10 in %, a shared 2-core machine; before each n "
+           f"the script waits idle until it is at most {report['max_pressure']:g} %): " + "; ".join(
+               f"{b['dtype']} r={b['r']}: {b['pressure_before']} at the start, at most {b['pressure_max']} "
+               f"after an n ({b['waited_s']:.0f} s waited)" for b in report.get("blocks", [])) + ".  ",
            f"Median of {report['repeats']} calls after {report['warmup']} warm-up calls; time at lr "
            f"{lrs[0]:g}. Direction: Adam-normalized (entries ~1), {report['adam_steps']} moment updates. "
            f"`gram` = what the optimizer runs (with its orthonormality correction, drift_tol = "
@@ -284,8 +302,8 @@ def plot(report: dict, what: str, path: str) -> None:
                 for form in FORMS]
     if what == "error":
         handles.append(Line2D([], [], color="gray", lw=2.5, alpha=0.5, label="input X"))
-    axes[0][0].legend(handles=handles, fontsize=7, loc="best")
-    fig.tight_layout()
+    fig.legend(handles=handles, fontsize=8, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.84 if len(rs) > 1 else 0.72, 1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -311,16 +329,25 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--max-pressure", type=float, default=5.0,
                     help="wait until /proc/pressure/cpu avg10 is at most this %% before timing")
-    ap.add_argument("--max-wait", type=float, default=120.0, help="... for at most this many seconds")
+    ap.add_argument("--max-wait", type=float, default=60.0, help="... for at most this many seconds (each time)")
     ap.add_argument("--out-dir", default="out/retraction_ablation")
     ap.add_argument("--prefix", default="retraction_ablation", help="file name prefix in --out-dir")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="two small sizes, two repeats (tests)")
+    ap.add_argument("--replot", default=None, metavar="JSON",
+                    help="only redraw the two plots (into --out-dir/--prefix) from an earlier run's JSON")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            report = json.load(f)
+        base = os.path.join(args.out_dir, args.prefix)
+        plot(report, "time", base + "_time.png")
+        plot(report, "error", base + "_error.png")
+        return 0
     if args.smoke:
         args.ns, args.rs, args.repeats, args.warmup, args.max_wait = "64,256", "4,16", 2, 1, 0.0
     if args.threads and not args.device.startswith("cuda"):
@@ -332,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes or not ns or not rs or not lrs:
         raise SystemExit(f"bad --dtypes {bad} (choose from {list(DTYPES)}) or empty --ns/--rs/--lrs")
-    waited = wait_quiet(args.max_pressure, args.max_wait) if device.type == "cpu" else 0.0
-    before = cpu_pressure()
+    quiet = (args.max_pressure, args.max_wait) if device.type == "cpu" and args.max_wait > 0 else None
+    before, blocks = cpu_pressure(), []
     total = len(dtypes) * sum(1 for r in rs for n in ns if n >= r) * len(RETRACTIONS) * len(FORMS)
     try:
         from tqdm.auto import tqdm
@@ -341,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         bar = None
     t0 = time.perf_counter()
-    rows = measure(ns, rs, lrs, dtypes, device, args.repeats, args.warmup, args.adam_steps, args.seed, bar)
+    rows = measure(ns, rs, lrs, dtypes, device, args.repeats, args.warmup, args.adam_steps, args.seed, bar,
+                   quiet, blocks)
     wall = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -352,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads() if device.type == "cpu" else "–",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": wall,
-        "waited_s": waited, "pressure_before": before, "pressure_after": cpu_pressure(),
+        "pressure_before": before, "pressure_after": cpu_pressure(), "blocks": blocks,
+        "max_pressure": args.max_pressure,
         "repeats": args.repeats, "warmup": args.warmup, "adam_steps": args.adam_steps,
         "ns": ns, "rs": rs, "lrs": lrs, "dtypes": dtypes, "rows": rows,
     }

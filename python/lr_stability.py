@@ -269,7 +269,7 @@ def plot(results: list[dict], methods: list[str], lrs: list[float], path: str, t
         return
     from matplotlib.transforms import blended_transform_factory
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9.8, 4.8))
     finite_best = [r["best"] for r in results if not r["diverged"] and math.isfinite(r["best"])]
     for i, m in enumerate(methods):
         rs = sorted((r for r in results if r["method"] == m), key=lambda r: r["lr"])
@@ -282,7 +282,7 @@ def plot(results: list[dict], methods: list[str], lrs: list[float], path: str, t
         div = [r for r in rs if r["diverged"]]
         if div:
             trans = blended_transform_factory(ax.transData, ax.transAxes)
-            ax.plot([r["lr"] for r in div], [0.97 - 0.025 * i] * len(div), "x", color=color, ms=8, mew=2,
+            ax.plot([r["lr"] for r in div], [0.965 - 0.035 * i] * len(div), "x", color=color, ms=6, mew=1.8,
                     transform=trans, clip_on=False)
     if start_loss is not None:
         ax.axhline(start_loss, color="gray", lw=0.8, ls=":", label="base model (LoRA start)")
@@ -295,7 +295,7 @@ def plot(results: list[dict], methods: list[str], lrs: list[float], path: str, t
     ax.set_ylabel(f"best training loss (nats/byte, {results[0].get('smooth', 20)}-step mean)")
     ax.set_title(title, fontsize=10)
     ax.plot([], [], "x", color="k", label="diverged (NaN or ends above start)")
-    ax.legend(fontsize=8, loc="center left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(True, which="both", alpha=0.25)
     pt.save_figure(fig, path)
 
@@ -392,11 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--table", default=None, help="markdown path (default OUT_DIR/lr_stability.md)")
     ap.add_argument("--json", default=None, help="histories (default OUT_DIR/lr_stability.json)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, two learning rates, a few steps (tests)")
+    ap.add_argument("--replot", default=None, metavar="JSON",
+                    help="only redraw the plot (--plot) from the histories file of an earlier run")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        plot(saved["results"], saved["methods"], saved["lrs"], args.plot or os.path.join(args.out_dir, "lr_stability.png"),
+             saved.get("title", ""), saved.get("lora_start"))
+        return 0
     if args.smoke:
         args.steps, args.batch_size, args.warmup, args.smooth = min(args.steps, 6), 4, 2, 3
         args.rank, args.lora_alpha = min(args.rank, 2), 4.0
@@ -455,8 +463,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.steps} steps, batch {args.batch_size}x{args.block_size}, "
              + (f"clip {args.grad_clip:g}" if args.grad_clip else "no clipping"))
     plot_path = os.path.join(args.out_dir, "lr_stability.png") if args.plot is None else args.plot
+    lora_start = next((r["start"] for r in results if r["method"] != "stella"), None)
     if plot_path:
-        lora_start = next((r["start"] for r in results if r["method"] != "stella"), None)
         plot(results, methods, lrs, plot_path, title, lora_start)
     table_path = args.table or os.path.join(args.out_dir, "lr_stability.md")
     cmd = " ".join(["python python/lr_stability.py", *(sys.argv[1:] if argv is None else argv)])
@@ -474,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.json or os.path.join(args.out_dir, "lr_stability.json")
     with open(json_path, "w") as f:
         json.dump({"command": cmd, "header": head, "wall_s": wall, "methods": methods, "lrs": lrs,
-                   "results": results}, f, allow_nan=True)
+                   "title": title, "lora_start": lora_start, "results": results}, f, allow_nan=True)
     print(f"histories written to {json_path}")
     return 0
 
