@@ -89,7 +89,7 @@ LABELS = {
 }
 STYLES = {"adamw": "o-", "stiefel-adamw": "s-", "stiefel-adamw-polar": "D--", "stella": "^-",
           "scaled-adamw": "v-"}
-DEFAULT_LRS = "1e-4,3e-4,1e-3,2e-3,5e-3,1e-2,2e-2,5e-2,0.1,0.2,0.5,1"
+DEFAULT_LRS = "1e-4,3e-4,1e-3,2e-3,5e-3,1e-2,2e-2,3e-2,5e-2,0.1,0.2,0.5,1"
 
 
 # ----------------------------------------------------------------------------- summary of a run
