@@ -44,6 +44,7 @@ Run:   python python/lr_stability.py                      (CPU: about 10 minutes
        python python/lr_stability.py --device cuda --steps 2000 --batch-size 64 --block-size 256 \\
               --n-layer 6 --d-model 384 --n-head 6 --pretrain-steps 3000 --rank 16
        python python/lr_stability.py --smoke              (seconds: the tests)
+       python python/lr_stability.py --replot out/lr_stability/lr_stability.json --plot FILE.png
        python python/lr_stability.py --help
 Writes ``OUT_DIR/lr_stability.png``, ``OUT_DIR/lr_stability.md`` (table) and
 ``OUT_DIR/lr_stability.json`` (every run's loss history); ``--plot``/``--table``/``--json`` move them.
