@@ -40,11 +40,14 @@ def newton_schulz_inv_sqrt(m: Tensor, iters: int) -> tuple[Tensor, Tensor]:
     eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m)
     row_sum = m.abs().sum(dim=-1).amax(dim=-1)
     c = torch.minimum(row_sum, 1.0 + torch.linalg.matrix_norm(m - eye))[..., None, None]
-    y, z = m / c, eye
-    for _ in range(iters):
-        t = 0.5 * (3.0 * eye - z @ y)
-        y, z = y @ t, t @ z
-    return z, c
+    y = m / c
+    z = None  # the identity: the first step's products with it are skipped (they are exact)
+    for i in range(iters):
+        t = 0.5 * (3.0 * eye - (y if z is None else z @ y))
+        z = t if z is None else t @ z
+        if i + 1 < iters:  # the last step's Y is not used
+            y = y @ t
+    return (eye if z is None else z), c
 
 
 def inv_sqrt_spd_newton_schulz(m: Tensor, iters: int = 20) -> tuple[Tensor, Tensor]:

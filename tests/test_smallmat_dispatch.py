@@ -126,6 +126,22 @@ def test_newton_schulz_inv_sqrt_matches_eigh(k, dtype):
     assert rel_err(x, ref) < rtol(dtype, 100.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("iters", [0, 1, 2, 5])
+def test_newton_schulz_inv_sqrt_equals_the_literal_iteration(iters, dtype):
+    """The implementation skips the first step's products with Z = I and the last step's Y
+    update; products with the identity are exact, so the result is the literal coupled
+    iteration's, bit for bit."""
+    m = spd((3,), 9, 50.0, seeded_gen("ns-literal", iters, dtype)).to(dtype)
+    eye = torch.eye(9, dtype=dtype).expand_as(m)
+    z, c = smallmat.newton_schulz_inv_sqrt(m, iters)
+    y, z_ref = m / c, eye
+    for _ in range(iters):
+        t = 0.5 * (3.0 * eye - z_ref @ y)
+        y, z_ref = y @ t, t @ z_ref
+    assert torch.equal(z, z_ref)
+
+
 def test_newton_schulz_inv_sqrt_flags_what_it_cannot_invert():
     gen = seeded_gen("ns-bad")
     k = 7
