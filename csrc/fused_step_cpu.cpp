@@ -59,6 +59,12 @@ constexpr int64_t kChunkRows = 4096;
 // dot-product tiles of the wide layout reduce their lanes once per sub-block, so longer rows pay)
 constexpr int64_t kScratchElems = 8192;
 constexpr int64_t kWideScratchElems = 4096;
+// How often the micro-kernels hand over to the producer of the next sub-block (see Producer): a
+// slice of the elementwise work every this many rows (gram_tall) / inner steps (apply) / vectors
+// of the dot products (gram_wide), so that the out-of-order window holds both kinds of work.
+constexpr int64_t kTallRowsPerSlice = 16;
+constexpr int64_t kApplyRowsPerSlice = 4;
+constexpr int64_t kWideVecsPerSlice = 8;
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
     !defined(STIEFEL_NO_TARGET_CLONES)
@@ -209,10 +215,10 @@ SK_INLINE void direction(const S* __restrict m, const S* __restrict v, S* __rest
 // Register tiles of 4 rows (it..it+3) x NV vectors of columns from jt: with kKH, K, G and H
 // (tiles reaching the diagonal or above it), else G only (strictly below the diagonal). Every
 // accumulator element sums its products over the rows in row order.
-template <typename S, int NV, bool kKH>
+template <typename S, int NV, bool kKH, typename F>
 SK_INLINE void gram_tall_tile(const S* __restrict x, const S* __restrict d, int64_t nb, int64_t rp,
                               int64_t it, int64_t jt, S* __restrict K, S* __restrict G,
-                              S* __restrict H) {
+                              S* __restrict H, F&& between) {
   constexpr int W = VecOf<S>::W;
   vec<S> k[4][NV], g[4][NV], h[4][NV];
   for (int a = 0; a < 4; ++a) {
@@ -243,6 +249,7 @@ SK_INLINE void gram_tall_tile(const S* __restrict x, const S* __restrict d, int6
         for (int c = 0; c < NV; ++c) h[a][c] += da * db[c];
       }
     }
+    if ((row & (kTallRowsPerSlice - 1)) == kTallRowsPerSlice - 1) between();
   }
   for (int a = 0; a < 4; ++a) {
     for (int c = 0; c < NV; ++c) {
@@ -255,14 +262,14 @@ SK_INLINE void gram_tall_tile(const S* __restrict x, const S* __restrict d, int6
   }
 }
 
-// Calls of `between` in gram_tall for one sub-block (the producer's slices).
-inline int64_t gram_tall_units(int64_t rp, int W) {
-  int64_t units = 0;
+// Calls of `between` in gram_tall for one sub-block of nb rows (the producer's slices).
+inline int64_t gram_tall_units(int64_t nb, int64_t rp, int W) {
+  int64_t tiles = 0;
   for (int64_t it = 0; it < rp; it += 4) {
     const int64_t split = it / W * W;  // columns [0, split): G only; [split, rp): K, G, H
-    units += (split / W + 3) / 4 + ((rp - split) / W + 1) / 2;
+    tiles += (split / W + 3) / 4 + ((rp - split) / W + 1) / 2;
   }
-  return units;
+  return tiles * (nb / kTallRowsPerSlice);
 }
 
 template <typename S, typename F>
@@ -273,25 +280,23 @@ SK_INLINE void gram_tall(const S* __restrict x, const S* __restrict d, int64_t n
     const int64_t split = it / W * W;
     for (int64_t jt = 0; jt < split; jt += 4 * W) {
       switch (std::min<int64_t>(4, (split - jt) / W)) {
-        case 4: gram_tall_tile<S, 4, false>(x, d, nb, rp, it, jt, K, G, H); break;
-        case 3: gram_tall_tile<S, 3, false>(x, d, nb, rp, it, jt, K, G, H); break;
-        case 2: gram_tall_tile<S, 2, false>(x, d, nb, rp, it, jt, K, G, H); break;
-        default: gram_tall_tile<S, 1, false>(x, d, nb, rp, it, jt, K, G, H); break;
+        case 4: gram_tall_tile<S, 4, false>(x, d, nb, rp, it, jt, K, G, H, between); break;
+        case 3: gram_tall_tile<S, 3, false>(x, d, nb, rp, it, jt, K, G, H, between); break;
+        case 2: gram_tall_tile<S, 2, false>(x, d, nb, rp, it, jt, K, G, H, between); break;
+        default: gram_tall_tile<S, 1, false>(x, d, nb, rp, it, jt, K, G, H, between); break;
       }
-      between();
     }
     for (int64_t jt = split; jt < rp; jt += 2 * W) {
-      if (jt + 2 * W <= rp) gram_tall_tile<S, 2, true>(x, d, nb, rp, it, jt, K, G, H);
-      else gram_tall_tile<S, 1, true>(x, d, nb, rp, it, jt, K, G, H);
-      between();
+      if (jt + 2 * W <= rp) gram_tall_tile<S, 2, true>(x, d, nb, rp, it, jt, K, G, H, between);
+      else gram_tall_tile<S, 1, true>(x, d, nb, rp, it, jt, K, G, H, between);
     }
   }
 }
 
 // out[i0 + a, j0 + b] += sum_k u[i0 + a, k] w[j0 + b, k] over len (a multiple of W) columns.
-template <typename S>
+template <typename S, typename F>
 SK_INLINE void dot_tile(const S* __restrict u, const S* __restrict w, int64_t stride, int64_t len,
-                        int64_t i0, int64_t j0, S* __restrict out, int64_t ra) {
+                        int64_t i0, int64_t j0, S* __restrict out, int64_t ra, F&& between) {
   constexpr int W = VecOf<S>::W;
   vec<S> acc[4][4];
   for (int a = 0; a < 4; ++a)
@@ -302,6 +307,7 @@ SK_INLINE void dot_tile(const S* __restrict u, const S* __restrict w, int64_t st
     for (int b = 0; b < 4; ++b) wv[b] = vload(w + (j0 + b) * stride + k);
     for (int a = 0; a < 4; ++a)
       for (int b = 0; b < 4; ++b) acc[a][b] += uv[a] * wv[b];
+    if (((k / W) & (kWideVecsPerSlice - 1)) == kWideVecsPerSlice - 1) between();
   }
   // 16 horizontal sums at once (a fixed pairwise tree): sums[a * 4 + b] = hsum(acc[a][b])
   S sums[16];
@@ -318,11 +324,10 @@ SK_INLINE void gram_wide(const S* __restrict x, const S* __restrict d, int64_t r
   for (int64_t i0 = 0; i0 < r4; i0 += 4) {
     for (int64_t j0 = 0; j0 < r4; j0 += 4) {
       if (j0 >= i0) {
-        dot_tile(x, x, stride, len, i0, j0, K, r4);
-        dot_tile(d, d, stride, len, i0, j0, H, r4);
+        dot_tile(x, x, stride, len, i0, j0, K, r4, between);
+        dot_tile(d, d, stride, len, i0, j0, H, r4, between);
       }
-      dot_tile(x, d, stride, len, i0, j0, G, r4);
-      between();
+      dot_tile(x, d, stride, len, i0, j0, G, r4, between);
     }
   }
 }
@@ -331,10 +336,10 @@ SK_INLINE void gram_wide(const S* __restrict x, const S* __restrict d, int64_t r
 // Tall: rows [0, nb) of x, d (rp columns) -> y = x + (x Cm + d E); Cm, E are rp x rp (zero pad).
 // Register tiles of 4 rows x NV vectors; each output element sums over i in order, the x term
 // before the d term of each i.
-template <typename S, int NV>
+template <typename S, int NV, typename F>
 SK_INLINE void apply_tall_tile(const S* __restrict x, const S* __restrict d, int64_t row0, int64_t jt,
                                int64_t r, int64_t rp, const S* __restrict cm, const S* __restrict e,
-                               S* __restrict y) {
+                               S* __restrict y, F&& between) {
   constexpr int W = VecOf<S>::W;
   vec<S> acc[4][NV];
   for (int a = 0; a < 4; ++a)
@@ -352,13 +357,16 @@ SK_INLINE void apply_tall_tile(const S* __restrict x, const S* __restrict d, int
         acc[a][c] += da * ev[c];
       }
     }
+    if ((i & (kApplyRowsPerSlice - 1)) == kApplyRowsPerSlice - 1) between();
   }
   for (int a = 0; a < 4; ++a)
     for (int c = 0; c < NV; ++c)
       vstore(y + (row0 + a) * rp + jt + c * W, vload(x + (row0 + a) * rp + jt + c * W) + acc[a][c]);
 }
 
-inline int64_t apply_tall_units(int64_t nb, int64_t rp, int W) { return (nb + 3) / 4 * ((rp / W + 3) / 4); }
+inline int64_t apply_tall_units(int64_t nb, int64_t r, int64_t rp, int W) {
+  return (nb + 3) / 4 * ((rp / W + 3) / 4) * (r / kApplyRowsPerSlice);
+}
 
 template <typename S, typename F>
 SK_INLINE void apply_tall(const S* __restrict x, const S* __restrict d, int64_t nb, int64_t r,
@@ -368,12 +376,11 @@ SK_INLINE void apply_tall(const S* __restrict x, const S* __restrict d, int64_t 
   for (int64_t row0 = 0; row0 < nb; row0 += 4) {  // scratch has a multiple of 4 rows
     for (int64_t jt = 0; jt < rp; jt += 4 * W) {
       switch (std::min<int64_t>(4, (rp - jt) / W)) {
-        case 4: apply_tall_tile<S, 4>(x, d, row0, jt, r, rp, cm, e, y); break;
-        case 3: apply_tall_tile<S, 3>(x, d, row0, jt, r, rp, cm, e, y); break;
-        case 2: apply_tall_tile<S, 2>(x, d, row0, jt, r, rp, cm, e, y); break;
-        default: apply_tall_tile<S, 1>(x, d, row0, jt, r, rp, cm, e, y); break;
+        case 4: apply_tall_tile<S, 4>(x, d, row0, jt, r, rp, cm, e, y, between); break;
+        case 3: apply_tall_tile<S, 3>(x, d, row0, jt, r, rp, cm, e, y, between); break;
+        case 2: apply_tall_tile<S, 2>(x, d, row0, jt, r, rp, cm, e, y, between); break;
+        default: apply_tall_tile<S, 1>(x, d, row0, jt, r, rp, cm, e, y, between); break;
       }
-      between();
     }
   }
 }
@@ -405,13 +412,13 @@ SK_INLINE void apply_wide(const S* __restrict x, const S* __restrict d, int64_t 
             acc[b][c] += eb * dv[c];
           }
         }
+        if ((i & (kApplyRowsPerSlice - 1)) == kApplyRowsPerSlice - 1) between();
       }
       for (int b = 0; b < 4; ++b) {
         const S* xr = x + (j0 + b) * stride + k;
         for (int c = 0; c < NV; ++c)
           vstore(y + (j0 + b) * stride + k + c * W, vload(xr + c * W) + acc[b][c]);
       }
-      between();
     }
   }
 }
@@ -817,13 +824,14 @@ SK_INLINE void pass1_range_impl(const Pass1Ctx<S>& cx, int64_t begin, int64_t en
     const S* d = sc.d[buf];
     if (!geo.wide) {
       const int64_t rp = geo.rp;
-      const int64_t units = gram_tall_units(rp, W);
+      const int64_t units = std::max<int64_t>(1, gram_tall_units(cur.nb, rp, W));
       const int64_t quota = (pr.total() + units - 1) / units;
       gram_tall<S>(x, d, cur.nb, rp, sc.K, sc.G, sc.H, [&]() __attribute__((always_inline)) { pr.step(quota); });
     } else {
-      const int64_t units = (geo.r4 / 4) * (geo.r4 / 4);
+      const int64_t t4 = geo.r4 / 4, len = round_up(cur.nb, W);
+      const int64_t units = std::max<int64_t>(1, (t4 * (t4 + 1) + t4 * t4) * (len / W / kWideVecsPerSlice));
       const int64_t quota = (pr.total() + units - 1) / units;
-      gram_wide<S>(x, d, geo.r4, geo.block, round_up(cur.nb, W), sc.K, sc.G, sc.H,
+      gram_wide<S>(x, d, geo.r4, geo.block, len, sc.K, sc.G, sc.H,
                    [&]() __attribute__((always_inline)) { pr.step(quota); });
     }
     pr.step(pr.total());  // whatever the slices left
@@ -946,8 +954,11 @@ struct Pass2Ctx {
 template <typename P, typename S>
 SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t end, Scratch<S>& sc) {
   const Bucket& bk = *cx.bk;
-  const Geometry& geo = bk.geo;
   constexpr int W = VecOf<S>::W;
+  // wide: sub-blocks of half pass 1's columns (measured faster at LoRA r = 16; the results of
+  // pass 2 do not depend on the sub-blocks)
+  Geometry geo = bk.geo;
+  if (geo.wide) geo.block = std::max<int64_t>(4 * W, geo.block / 2 / (4 * W) * (4 * W));
   const int64_t r = geo.r, ra = geo.ra;
   using Prod = Producer<P, S, false, false>;
   auto make_prod = [&](const Blk& b, int buf, const Blk& ahead) {
@@ -993,7 +1004,7 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
     const int64_t b0 = cur.b0, nb = cur.nb;
     if (!geo.wide) {
       const int64_t rp = geo.rp;
-      const int64_t units = apply_tall_units(nb, rp, W);
+      const int64_t units = std::max<int64_t>(1, apply_tall_units(nb, r, rp, W));
       const int64_t quota = (pr.total() + units - 1) / units;
       apply_tall<S>(x, d, nb, r, rp, sc.cm, sc.e, sc.y, [&]() __attribute__((always_inline)) { pr.step(quota); });
       const bool flat = rp == r && f.ld[kP] == r && f.ld[kM] == r && f.ld[kV] == r;
@@ -1004,7 +1015,7 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
       }
     } else {
       const int64_t stride = geo.block, len = round_up(nb, 4 * W);
-      const int64_t units = (geo.r4 / 4) * (len / (4 * W));
+      const int64_t units = std::max<int64_t>(1, (geo.r4 / 4) * (len / (4 * W)) * (r / kApplyRowsPerSlice));
       const int64_t quota = (pr.total() + units - 1) / units;
       apply_wide<S>(x, d, r, geo.r4, stride, len, sc.cm, sc.e, sc.y, [&]() __attribute__((always_inline)) { pr.step(quota); });
       for (int64_t i = 0; i < r; ++i) convert_out<P, S>(sc.y + i * stride, pp + i * f.ld[kP] + b0, nb);
