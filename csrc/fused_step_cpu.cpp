@@ -15,10 +15,22 @@
 // Every tensor is read in place through its strides (no stacking, no transposed copies): a
 // factor in column form is X (n x r); a stored wide factor (row_orthonormal) is X = A^T. Each
 // pass walks (factor, chunk of kChunkRows rows of X) work items with at::parallel_for; an item
-// copies sub-blocks of its rows into per-thread scratch (float32 for bf16/fp16/fp32 factors,
-// float64 for fp64) in the storage orientation and runs register-tiled micro-kernels there:
+// is cut into sub-blocks of rows, whose elementwise part (moments, D; x converted where needed)
+// goes into per-thread scratch (float32 for bf16/fp16/fp32 factors, float64 for fp64) in the
+// storage orientation, and register-tiled micro-kernels run there:
 //   * "tall" (unit stride along r, e.g. a stored n x r factor): outer-product tiles;
 //   * "wide" (unit stride along n, e.g. LoRA's A, r x n): dot-product tiles over the long side.
+// Float32 parameters laid out as the micro-kernels need them (wide: r a multiple of 4 and whole
+// vectors; tall: packed rows, whole groups of 4 rows) are read in place instead of copied.
+//
+// Speed (issue 13): the elementwise part is bound by the divider (two correctly rounded
+// divisions and a square root per element) and by memory, the micro-kernels by the FMA units;
+// run one after the other they add up. So the work is software-pipelined: while the tiles of
+// sub-block q run, the elementwise part of sub-block q + 1 is done in slices handed over from
+// inside the tiles every few inner steps (Producer; double-buffered scratch), and the inputs of
+// sub-block q + 2 are prefetched. Small sub-blocks (wide: 4096 elements) keep the tiles' data in
+// L1/L2. None of this changes any result: the elementwise expressions are the same, and every
+// Gram / pass-2 sum is accumulated in the same fixed order.
 // Gram sums: products accumulated in the working dtype inside a chunk (a fixed order), chunk
 // partials written to a buffer and then added in float64 in chunk order, so the result does not
 // depend on the thread count (gram.gram_pass's accuracy contract). K and H are symmetric: only
@@ -55,8 +67,10 @@ namespace {
 
 // rows of X per Gram partial (gram.GRAM_CHUNK_ROWS)
 constexpr int64_t kChunkRows = 4096;
-// elements of one scratch array of a sub-block: tall 32 KiB float32 (L1), wide 128 KiB (L2: the
-// dot-product tiles of the wide layout reduce their lanes once per sub-block, so longer rows pay)
+// elements of one scratch array of a sub-block: tall 32 KiB float32, wide 16 KiB (LoRA r = 16:
+// 256 columns; measured fastest against 2048-16384 elements now that the elementwise work of the
+// next sub-block runs between the tiles: the wide dot-product tiles reduce their lanes once per
+// sub-block, which shorter sub-blocks pay for, but four tensors' sub-blocks in flight stay in L2)
 constexpr int64_t kScratchElems = 8192;
 constexpr int64_t kWideScratchElems = 4096;
 // How often the micro-kernels hand over to the producer of the next sub-block (see Producer): a
@@ -295,7 +309,7 @@ SK_INLINE void gram_tall(const S* __restrict x, const S* __restrict d, int64_t n
 
 // out[i0 + a, j0 + b] += sum_k u[i0 + a, k] w[j0 + b, k] over len (a multiple of W) columns.
 template <typename S, typename F>
-SK_INLINE void dot_tile(const S* __restrict u, const S* __restrict w, int64_t stride, int64_t len,
+SK_INLINE void dot_tile(const S* __restrict u, int64_t su, const S* __restrict w, int64_t sw, int64_t len,
                         int64_t i0, int64_t j0, S* __restrict out, int64_t ra, F&& between) {
   constexpr int W = VecOf<S>::W;
   vec<S> acc[4][4];
@@ -303,8 +317,8 @@ SK_INLINE void dot_tile(const S* __restrict u, const S* __restrict w, int64_t st
     for (int b = 0; b < 4; ++b) acc[a][b] = vec<S>{};
   for (int64_t k = 0; k < len; k += W) {
     vec<S> uv[4], wv[4];
-    for (int a = 0; a < 4; ++a) uv[a] = vload(u + (i0 + a) * stride + k);
-    for (int b = 0; b < 4; ++b) wv[b] = vload(w + (j0 + b) * stride + k);
+    for (int a = 0; a < 4; ++a) uv[a] = vload(u + (i0 + a) * su + k);
+    for (int b = 0; b < 4; ++b) wv[b] = vload(w + (j0 + b) * sw + k);
     for (int a = 0; a < 4; ++a)
       for (int b = 0; b < 4; ++b) acc[a][b] += uv[a] * wv[b];
     if (((k / W) & (kWideVecsPerSlice - 1)) == kWideVecsPerSlice - 1) between();
@@ -319,15 +333,15 @@ SK_INLINE void dot_tile(const S* __restrict u, const S* __restrict w, int64_t st
 // Wide scratch: x, d are r4 rows (rows >= r zero) of `stride` columns, the first len in use
 // (len a multiple of W, columns past the valid ones zero). acc* are r4 x r4.
 template <typename S, typename F>
-SK_INLINE void gram_wide(const S* __restrict x, const S* __restrict d, int64_t r4, int64_t stride,
+SK_INLINE void gram_wide(const S* __restrict x, int64_t sx, const S* __restrict d, int64_t r4, int64_t stride,
                          int64_t len, S* __restrict K, S* __restrict G, S* __restrict H, F&& between) {
   for (int64_t i0 = 0; i0 < r4; i0 += 4) {
     for (int64_t j0 = 0; j0 < r4; j0 += 4) {
       if (j0 >= i0) {
-        dot_tile(x, x, stride, len, i0, j0, K, r4, between);
-        dot_tile(d, d, stride, len, i0, j0, H, r4, between);
+        dot_tile(x, sx, x, sx, len, i0, j0, K, r4, between);
+        dot_tile(d, stride, d, stride, len, i0, j0, H, r4, between);
       }
-      dot_tile(x, d, stride, len, i0, j0, G, r4, between);
+      dot_tile(x, sx, d, stride, len, i0, j0, G, r4, between);
     }
   }
 }
@@ -389,7 +403,7 @@ SK_INLINE void apply_tall(const S* __restrict x, const S* __restrict d, int64_t 
 // columns; Cm, E are r4 x r4 (zero pad), x, d, y have r4 rows of `stride` columns. Register
 // tiles of 4 rows x 4 vectors; each output element sums over i in order (x term, then d term).
 template <typename S, typename F>
-SK_INLINE void apply_wide(const S* __restrict x, const S* __restrict d, int64_t r, int64_t r4,
+SK_INLINE void apply_wide(const S* __restrict x, int64_t sx, const S* __restrict d, int64_t r, int64_t r4,
                           int64_t stride, int64_t len, const S* __restrict cm,
                           const S* __restrict e, S* __restrict y, F&& between) {
   constexpr int W = VecOf<S>::W;
@@ -402,7 +416,7 @@ SK_INLINE void apply_wide(const S* __restrict x, const S* __restrict d, int64_t 
       for (int64_t i = 0; i < r; ++i) {
         vec<S> xv[NV], dv[NV];
         for (int c = 0; c < NV; ++c) {
-          xv[c] = vload(x + i * stride + k + c * W);
+          xv[c] = vload(x + i * sx + k + c * W);
           dv[c] = vload(d + i * stride + k + c * W);
         }
         for (int b = 0; b < 4; ++b) {
@@ -415,7 +429,7 @@ SK_INLINE void apply_wide(const S* __restrict x, const S* __restrict d, int64_t 
         if ((i & (kApplyRowsPerSlice - 1)) == kApplyRowsPerSlice - 1) between();
       }
       for (int b = 0; b < 4; ++b) {
-        const S* xr = x + (j0 + b) * stride + k;
+        const S* xr = x + (j0 + b) * sx + k;
         for (int c = 0; c < NV; ++c)
           vstore(y + (j0 + b) * stride + k + c * W, vload(xr + c * W) + acc[b][c]);
       }
@@ -661,6 +675,11 @@ struct Runs {
   S* dx = nullptr;
   int64_t dstride = 0;
   int64_t pad_to = 0;  // wide: scratch columns [runlen, pad_to) of each run are zeroed
+  // x read in place by the micro-kernels (float32 parameters laid out as the scratch needs them:
+  // no padding rows, columns or tail), else converted into dx
+  bool direct_x = false;
+  const S* x = nullptr;  // what the micro-kernels read: the parameters or dx
+  int64_t xstride = 0;
 };
 
 template <typename P, typename S>
@@ -700,6 +719,17 @@ SK_INLINE Runs<P, S> make_runs(const Geometry& geo, const Factor& f, const Blk& 
   R.ldg = ld[kG]; R.ldm = ld[kM]; R.ldv = ld[kV]; R.ldx = ld[kVmax]; R.ldp = ld[kP];
   R.dd = dd;
   R.dx = dx;
+  R.x = dx;
+  R.xstride = R.dstride;
+  if constexpr (std::is_same_v<P, S>) {
+    if (geo.wide) {
+      R.direct_x = r % 4 == 0 && blk.nb % pad_multiple == 0;
+      R.xstride = R.direct_x ? f.ld[kP] : R.dstride;
+    } else {
+      R.direct_x = R.nrun == 1 && blk.nb % 4 == 0;  // packed, whole groups of 4 rows (apply_tall)
+    }
+    if (R.direct_x) R.x = R.p;
+  }
   return R;
 }
 
@@ -739,7 +769,7 @@ struct Producer {
       } else {
         direction<S>(R.m + om, R.v + ov, dd, len, eps, bc1, bc2);
       }
-      convert_in<P, S>(R.p + op, dx, len);
+      if (!R.direct_x) convert_in<P, S>(R.p + op, dx, len);
       if (run < ahead.nrun && pos < ahead.runlen) {
         const int64_t la = std::min(len, ahead.runlen - pos);
         prefetch_range(ahead.m + run * ahead.ldm + pos, la, kPass1);
@@ -755,7 +785,7 @@ struct Producer {
       if (pos == R.runlen) {
         if (R.pad_to > R.runlen) {
           std::fill(R.dd + run * R.dstride + R.runlen, R.dd + run * R.dstride + R.pad_to, S(0));
-          std::fill(R.dx + run * R.dstride + R.runlen, R.dx + run * R.dstride + R.pad_to, S(0));
+          if (!R.direct_x) std::fill(R.dx + run * R.dstride + R.runlen, R.dx + run * R.dstride + R.pad_to, S(0));
         }
         ++run;
         pos = 0;
@@ -811,16 +841,15 @@ SK_INLINE void pass1_range_impl(const Pass1Ctx<S>& cx, int64_t begin, int64_t en
   Blk nxt = next_blk(geo, cur, end);
   Blk nn = next_blk(geo, nxt, end);
   int buf = 0;
-  {
-    Prod first = make_prod(cur, 0, nxt);
-    first.step(first.total());
-  }
+  Prod prev = make_prod(cur, 0, nxt);
+  prev.step(prev.total());
   std::fill(sc.K, sc.K + ra * ra, S(0));
   std::fill(sc.G, sc.G + ra * ra, S(0));
   std::fill(sc.H, sc.H + ra * ra, S(0));
   while (cur.valid()) {
     Prod pr = make_prod(nxt, buf ^ 1, nn);
-    const S* x = sc.x[buf];
+    const S* x = prev.R.x;
+    const int64_t sx = prev.R.xstride;
     const S* d = sc.d[buf];
     if (!geo.wide) {
       const int64_t rp = geo.rp;
@@ -831,10 +860,11 @@ SK_INLINE void pass1_range_impl(const Pass1Ctx<S>& cx, int64_t begin, int64_t en
       const int64_t t4 = geo.r4 / 4, len = round_up(cur.nb, W);
       const int64_t units = std::max<int64_t>(1, (t4 * (t4 + 1) + t4 * t4) * (len / W / kWideVecsPerSlice));
       const int64_t quota = (pr.total() + units - 1) / units;
-      gram_wide<S>(x, d, geo.r4, geo.block, len, sc.K, sc.G, sc.H,
+      gram_wide<S>(x, sx, d, geo.r4, geo.block, len, sc.K, sc.G, sc.H,
                    [&]() __attribute__((always_inline)) { pr.step(quota); });
     }
     pr.step(pr.total());  // whatever the slices left
+    prev = pr;
     if (!nxt.valid() || nxt.item != cur.item) {
       write_partials(cx, cur.item, sc);
       std::fill(sc.K, sc.K + ra * ra, S(0));
@@ -978,10 +1008,8 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
   Blk nxt = next_blk(geo, cur, end);
   Blk nn = next_blk(geo, nxt, end);
   int buf = 0;
-  {
-    Prod first = make_prod(cur, 0, nxt);
-    first.step(first.total());
-  }
+  Prod prev = make_prod(cur, 0, nxt);
+  prev.step(prev.total());
   int64_t coef_factor = -1;
   while (cur.valid()) {
     const int64_t fi = cur.item / geo.nchunks;
@@ -998,7 +1026,8 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
       coef_factor = fi;
     }
     Prod pr = make_prod(nxt, buf ^ 1, nn);
-    const S* x = sc.x[buf];
+    const S* x = prev.R.x;
+    const int64_t sx = prev.R.xstride;
     const S* d = sc.d[buf];
     P* pp = reinterpret_cast<P*>(f.ptr[kP]);
     const int64_t b0 = cur.b0, nb = cur.nb;
@@ -1017,10 +1046,11 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
       const int64_t stride = geo.block, len = round_up(nb, 4 * W);
       const int64_t units = std::max<int64_t>(1, (geo.r4 / 4) * (len / (4 * W)) * (r / kApplyRowsPerSlice));
       const int64_t quota = (pr.total() + units - 1) / units;
-      apply_wide<S>(x, d, r, geo.r4, stride, len, sc.cm, sc.e, sc.y, [&]() __attribute__((always_inline)) { pr.step(quota); });
+      apply_wide<S>(x, sx, d, r, geo.r4, stride, len, sc.cm, sc.e, sc.y, [&]() __attribute__((always_inline)) { pr.step(quota); });
       for (int64_t i = 0; i < r; ++i) convert_out<P, S>(sc.y + i * stride, pp + i * f.ld[kP] + b0, nb);
     }
     pr.step(pr.total());
+    prev = pr;
     cur = nxt;
     nxt = nn;
     nn = next_blk(geo, nn, end);

@@ -220,6 +220,22 @@ def test_pass2_matches_float64(gen, shape, count, dtype):
         assert rel(got, want) < RTOL[work]
 
 
+# Shapes for the sub-block pipeline of the kernels (csrc/fused_step_cpu.cpp: the elementwise
+# work of the next sub-block done between the register tiles of the current one, float32
+# parameters read in place when laid out as the micro-kernels need them, else converted into
+# scratch): many sub-blocks per 4096-row chunk and several chunks, in-place x (r a multiple of 4,
+# whole vectors) and the scratch fallback (ragged tails, r not a multiple of 4) in one bucket.
+PIPELINE_SHAPES = [((16, 4608), 2), ((16, 4100), 2), ((12, 1040), 3), ((768, 64), 2),
+                   ((4100, 16), 1), ((4097, 16), 1), ((600, 20), 2), ((24, 640), 2)]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("shape,count", PIPELINE_SHAPES, ids=[f"{s}x{c}" for s, c in PIPELINE_SHAPES])
+def test_sub_block_pipeline_shapes(gen, shape, count, dtype):
+    test_pass1_matches_torch_formulation_and_float64(gen, shape, count, dtype)
+    test_pass2_matches_float64(gen, shape, count, dtype)
+
+
 @pytest.mark.parametrize("tall", [True, False], ids=["tall", "wide"])
 def test_strided_views(gen, tall):
     """Parameters and states that are views with a leading dimension larger than the matrix
