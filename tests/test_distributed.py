@@ -46,7 +46,7 @@ def _launch(phase, world, tmp, ckpt):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Both launches (~15 s on 2 cores): every test that uses it is marked ``slow``."""
+    """Both launches (~35 s on 2 cores): every test that uses it is marked ``slow``."""
     tmp = str(tmp_path_factory.mktemp("dist"))
     ckpt = os.path.join(tmp, "ckpt")
     return {"a": _launch("a", 2, tmp, ckpt), "b": _launch("b", 3, tmp, ckpt)}
