@@ -74,6 +74,7 @@ for p in (str(ROOT), str(HERE)):
         sys.path.insert(0, p)
 
 import stiefel_kernels  # noqa: E402
+from _machine import cpu_model, cpu_pressure_psi as cpu_pressure  # noqa: E402
 from bench_step import Case, make_case  # noqa: E402
 
 try:
@@ -367,17 +368,6 @@ def time_one(kind: str, cfg: Config, data, device, rounds: int, warmup: int, max
 
 
 # ----------------------------------------------------------------------------- machine load
-def cpu_pressure() -> tuple[float, float] | None:
-    """``(avg10 %, total us)`` of /proc/pressure/cpu's ``some`` line (time with a runnable task
-    waiting for a CPU), None where the kernel has no PSI."""
-    try:
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        kv = dict(f.split("=") for f in line.split()[1:])
-        return float(kv["avg10"]), float(kv["total"])
-    except (OSError, KeyError, ValueError, IndexError):
-        return None
-
-
 def wait_quiet(max_pressure: float, max_wait: float) -> float:
     """Sleep (idle, so this process adds nothing) until the CPU pressure of the last 10 s is at
     most ``max_pressure`` %, at most ``max_wait`` s; returns the seconds waited."""
@@ -393,16 +383,6 @@ def wait_quiet(max_pressure: float, max_wait: float) -> float:
 
 
 # ----------------------------------------------------------------------------- report
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def environment(device) -> dict:
     dev = torch.device(device)
     env = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model(),

@@ -51,6 +51,9 @@ import torch
 from stiefel_kernels import geometry, gram
 from stiefel_kernels.optim import default_drift_tol
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_model, cpu_pressure_psi  # noqa: E402
+
 RETRACTIONS = ("cayley_fp", "cayley", "qr", "polar", "newton_schulz")
 FORMS = ("full", "gram raw", "gram")
 FORM_STYLE = {"full": dict(ls="--", marker="o", mfc="none"), "gram raw": dict(ls=":", marker="x"),
@@ -181,12 +184,9 @@ def measure(ns, rs, lrs, dtypes, device, repeats: int, warmup: int, adam_steps: 
 
 # ----------------------------------------------------------------------------- machine load
 def cpu_pressure() -> float | None:
-    """avg10 % of /proc/pressure/cpu's ``some`` line (as ``bench/bench_peers.py``), None without PSI."""
-    try:
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        return float(dict(f.split("=") for f in line.split()[1:])["avg10"])
-    except (OSError, KeyError, ValueError, IndexError):
-        return None
+    """avg10 % of /proc/pressure/cpu's ``some`` line, None without PSI."""
+    p = cpu_pressure_psi()
+    return None if p is None else p[0]
 
 
 def wait_quiet(max_pressure: float, max_wait: float) -> float:
@@ -199,18 +199,6 @@ def wait_quiet(max_pressure: float, max_wait: float) -> float:
         time.sleep(5.0)
     return time.perf_counter() - t0
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-# ----------------------------------------------------------------------------- report
 
 def markdown(report: dict) -> str:
     rows, lrs = report["rows"], report["lrs"]
