@@ -138,6 +138,14 @@ def _eye(like: Tensor, k: int) -> Tensor:
     return torch.eye(k, dtype=like.dtype, device=like.device).expand(*like.shape[:-2], k, k)
 
 
+def _sym_coefficient_gram(k: Tensor, g: Tensor, h: Tensor, c: Tensor, e: Tensor) -> Tensor:
+    """``sym(Y^T Y)`` (:func:`coefficient_gram`) with five ``r x r`` products instead of six:
+    ``sym(C^T G E + E^T G^T C) = sym(2 C^T G E)``, so ``sym(C^T (K C + 2 G E) + E^T (H E))``."""
+    inner = (k @ c).add_(g @ e, alpha=2.0)
+    yty = (c.mT @ inner).add_(e.mT @ (h @ e))
+    return sym(yty)
+
+
 def retraction_coefficients(
     k: Tensor,
     g: Tensor,
@@ -166,6 +174,13 @@ def retraction_coefficients(
     retraction = canonical_retraction(retraction)
     r = k.shape[-1]
     lr = _lr_tensor(lr, k)
+    if retraction == "cayley_fp" and cayley_iters >= 1:
+        batch = k.shape[:-2]
+        lr3 = lr.expand(*batch, 1, 1).reshape(-1, 1, 1) if lr.numel() > 1 else lr.reshape(1, 1, 1)
+        c, e = _cayley_fp_coefficients(k.reshape(-1, r, r), g.reshape(-1, r, r),
+                                       h.reshape(-1, r, r), lr3, cayley_iters)
+        info = torch.zeros(batch, dtype=torch.int32, device=k.device)
+        return c.reshape(k.shape), e.reshape(k.shape), info
     eye = _eye(k, r)
     sg = sym(g)
     mn1 = None
@@ -205,6 +220,49 @@ def retraction_coefficients(
     return c[..., :r, :], c[..., r:, :], info
 
 
+def _cayley_fp_coefficients(k: Tensor, g: Tensor, h: Tensor, lr: Tensor,
+                            iters: int) -> tuple[Tensor, Tensor]:
+    """``cayley_fp``'s ``(C, E)`` (``(B, r, r)`` each, for ``(B, r, r)`` Gram matrices and
+    ``lr`` of shape ``()`` or ``(B, 1, 1)``) by the blocks of ``M_1 N`` (:func:`_cayley_mn1`):
+    the same math as the dense iteration ``c <- e1 + (lr/2) M_1 N (e1 + c)`` with fewer
+    products (``tests/test_gram_small_step.py`` compares the two in float64).
+
+    * the step size ``min(lr, 1/||W_1||_F)`` from ``tr((M_1 N)^2)`` as sums of elementwise
+      products of the blocks (``O(r^2)``, not a ``2r x 2r`` product);
+    * the first iteration starts from ``c_0 = [I + lr sym(G); -lr I]``, whose blocks are
+      multiples of ``I`` and ``sym(G)``: its bottom block reuses ``K sym(G)`` (computed for
+      ``a_1``) and its top block takes one ``r x r`` product instead of two;
+    * the identities are added on the diagonal in place, not as ``r x r`` sums.
+
+    ``r x r`` products: 3 for the blocks, 1 for the first iteration, 4 for each further one
+    (the dense form: 3, then 8 for the step size and 4 per iteration)."""
+    sg = (g + g.mT).mul_(0.5)
+    ksg = k @ sg
+    a = (ksg - g).mul_(-0.5).add_(sg)  # sym(G) - (K sym(G) - G) / 2
+    skew = a - a.mT
+    p11 = (skew @ k).add_(g.mT)  # A K + G^T
+    p12 = (skew @ g).add_(h)     # A G + H
+    # ||W_1||_F^2 = -tr((M_1 N)^2), M_1 N = [[P11, P12], [-K, -G]]
+    trace = ((p11 * p11.mT).sum((-2, -1)) - 2.0 * (p12 * k.mT).sum((-2, -1))
+             + (g * g.mT).sum((-2, -1)))
+    w_norm = (-trace).clamp_min(0).sqrt()
+    lr = torch.minimum(lr, 1.0 / w_norm.clamp_min(torch.finfo(k.dtype).tiny)[..., None, None])
+    half_lr = 0.5 * lr
+    # iteration 1, from U = e1 + c_0 = [2I + lr sym(G); -lr I]:
+    #   C = I + (lr/2) (2 P11 + lr (P11 sym(G) - P12)),  E = -(lr/2) (2K + lr (K sym(G) - G))
+    c = (p11 @ sg).sub_(p12).mul_(lr).add_(p11, alpha=2.0).mul_(half_lr)
+    c.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    e = (ksg - g).mul_(lr).add_(k, alpha=2.0).mul_(-half_lr)
+    for _ in range(iters - 1):
+        u1 = c.clone()
+        u1.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        top = (p11 @ u1).baddbmm_(p12, e)
+        e = (k @ u1).baddbmm_(g, e).mul_(-half_lr)
+        c = top.mul_(half_lr)
+        c.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    return c, e
+
+
 def _cayley_generator(k: Tensor, g: Tensor, sg: Tensor, lr: Tensor) -> Tensor:
     """Skew ``M`` (``(..., 2r, 2r)``) with ``W = Q M Q^T``, ``Q = [X, D]`` (module docstring).
     The dense form: the step uses ``M N`` by blocks (:func:`_cayley_mn1`); the tests compare
@@ -226,7 +284,7 @@ def cayley_step_size(k: Tensor, g: Tensor, h: Tensor, lr: Tensor) -> Tensor:
 
 def _step_size_from_mn1(mn1: Tensor, lr: Tensor) -> Tensor:
     """:func:`cayley_step_size` from ``M_1 N`` (:func:`_cayley_mn1`)."""
-    w_norm = (-torch.einsum("...ij,...ji->...", mn1, mn1)).clamp_min(0).sqrt()
+    w_norm = (-(mn1 * mn1.mT).sum((-2, -1))).clamp_min(0).sqrt()  # tr(A A) without the product
     return torch.minimum(lr, 1.0 / w_norm.clamp_min(torch.finfo(mn1.dtype).tiny)[..., None, None])
 
 
@@ -274,14 +332,29 @@ def orthonormality_correction(k: Tensor, g: Tensor, h: Tensor, c: Tensor, e: Ten
     return _eye(k, k.shape[-1]) if s is None else s
 
 
-def correction_iters_for(drift: float) -> int:
-    """Coupled Newton–Schulz steps that take ``||Y^T Y - I||_F = drift`` to float64 rounding.
+#: ``(drift bound, steps)`` of :func:`correction_iters_for` per working dtype: the fewest coupled
+#: Newton–Schulz steps that bring ``||S M S - I||_F`` below ``1e-12`` (float64 steps) or ``1e-8``
+#: (float32 steps, a tenth of float32's epsilon) for every ``||M - I||_F <= bound``
+#: (``tests/test_gram_small_step.py`` checks each bound, and that one step fewer is not enough)
+_CORRECTION_STEPS = {
+    torch.float64: ((1e-4, 2), (1e-2, 3), (0.1, 4)),
+    torch.float32: ((3e-5, 1), (5e-3, 2), (0.05, 3), (0.1, 4)),
+}
+
+
+def correction_iters_for(drift: float, dtype: torch.dtype = torch.float64) -> int:
+    """Coupled Newton–Schulz steps that take ``||Y^T Y - I||_F = drift`` to the rounding level
+    of ``dtype`` (the dtype the step computes in; float32 for anything but float64).
     The residual ``R = I - Z Y`` starts at most about ``2 drift`` (after the scaling of
     :func:`stiefel_kernels.smallmat.newton_schulz_inv_sqrt`) and each step maps it to
-    ``3/4 R^2 + 1/4 R^3``: from ``1e-4`` two steps reach ``1e-15``, from ``1e-2`` three, from
-    ``0.1`` four, beyond that :data:`CORRECTION_ITERS`. Where the drift is known on the host
-    for free (CPU) the correction takes only these; elsewhere it runs all of them."""
-    for bound, steps in ((1e-4, 2), (1e-2, 3), (0.1, 4)):
+    ``3/4 R^2 + 1/4 R^3``: in float64, from ``1e-4`` two steps reach ``1e-15``, from ``1e-2``
+    three, from ``0.1`` four; in float32 one step suffices up to ``3e-5`` (the drift a float32
+    step measures at ``r = 64`` is ``~5e-6``, its rounding), and it takes no product (the first
+    step's are with the identity). Beyond the table: :data:`CORRECTION_ITERS`. Where the drift
+    is known on the host for free (CPU) the correction takes only these; elsewhere it runs all
+    of them."""
+    table = _CORRECTION_STEPS[torch.float64 if dtype == torch.float64 else torch.float32]
+    for bound, steps in table:
         if drift <= bound:
             return steps
     return CORRECTION_ITERS
@@ -299,19 +372,19 @@ def _correction_or_none(k: Tensor, g: Tensor, h: Tensor, c: Tensor, e: Tensor, t
     factor, known without a device sync (CPU). On the CPU the Newton–Schulz iteration runs only
     on the factors whose drift test fires; elsewhere on all of them (no host sync)."""
     eye = _eye(k, k.shape[-1])
-    m = sym(coefficient_gram(k, g, h, c, e))
+    m = _sym_coefficient_gram(k, g, h, c, e)
     drift = torch.linalg.matrix_norm(m - eye)
     fire = drift > tol
     if not _host_branch_is_free(k):
-        z, scale = smallmat.newton_schulz_inv_sqrt(m, iters)
+        z, scale = smallmat.newton_schulz_inv_sqrt(m, iters, drift)
         return torch.where(fire[..., None, None], z * scale.rsqrt(), eye)
     if drift.numel() == 0:  # no factor here (an empty shard's stack)
         return None
-    iters = min(iters, correction_iters_for(float(drift.max())))
+    iters = min(iters, correction_iters_for(float(drift.max()), k.dtype))
     if fire.dim() == 0:
         if not bool(fire):
             return None
-        z, scale = smallmat.newton_schulz_inv_sqrt(m, iters)
+        z, scale = smallmat.newton_schulz_inv_sqrt(m, iters, drift)
         return z * scale.rsqrt()
     index = fire.reshape(-1).nonzero().squeeze(-1)
     if index.numel() == 0:
@@ -319,9 +392,10 @@ def _correction_or_none(k: Tensor, g: Tensor, h: Tensor, c: Tensor, e: Tensor, t
     r = k.shape[-1]
     flat = m.reshape(-1, r, r)
     if index.numel() == flat.shape[0]:
-        z, scale = smallmat.newton_schulz_inv_sqrt(flat, iters)
+        z, scale = smallmat.newton_schulz_inv_sqrt(flat, iters, drift.reshape(-1))
         return (z * scale.rsqrt()).reshape(m.shape)
-    z, scale = smallmat.newton_schulz_inv_sqrt(flat.index_select(0, index), iters)
+    z, scale = smallmat.newton_schulz_inv_sqrt(flat.index_select(0, index), iters,
+                                               drift.reshape(-1).index_select(0, index))
     s = torch.eye(r, dtype=k.dtype, device=k.device).repeat(flat.shape[0], 1, 1)
     s.index_copy_(0, index, z * scale.rsqrt())
     return s.reshape(m.shape)

@@ -26,7 +26,7 @@ __all__ = ["inv_sqrt_spd", "cholesky_upper_inverse", "solve", "inv_sqrt_spd_torc
            "newton_schulz_inv_sqrt"]
 
 
-def newton_schulz_inv_sqrt(m: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+def newton_schulz_inv_sqrt(m: Tensor, iters: int, dist_to_eye: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Coupled Newton–Schulz on ``M / c``: returns ``(Z, c)`` with ``Z c^(-1/2) ~ M^(-1/2)``.
 
     ``c`` (``(..., 1, 1)``) is the smaller of two upper bounds of the largest eigenvalue of a
@@ -36,18 +36,27 @@ def newton_schulz_inv_sqrt(m: Tensor, iters: int) -> tuple[Tensor, Tensor]:
     ``M``, where the iteration ``T = (3I - Z Y) / 2, Y <- Y T, Z <- T Z`` converges: about
     ``log_1.5(cond)`` steps to reach the quadratic phase (residual ``e -> 3e^2/4``), then a few
     more. Matrix products only: no host sync.
+
+    ``dist_to_eye``: ``||M - I||_F`` (shape ``(...)``) when the caller has it already.
     """
-    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m)
+    if dist_to_eye is None:
+        eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m)
+        dist_to_eye = torch.linalg.matrix_norm(m - eye)
     row_sum = m.abs().sum(dim=-1).amax(dim=-1)
-    c = torch.minimum(row_sum, 1.0 + torch.linalg.matrix_norm(m - eye))[..., None, None]
+    c = torch.minimum(row_sum, 1.0 + dist_to_eye)[..., None, None]
     y = m / c
     z = None  # the identity: the first step's products with it are skipped (they are exact)
     for i in range(iters):
-        t = 0.5 * (3.0 * eye - (y if z is None else z @ y))
+        # T = (3I - Z Y) / 2 as -ZY/2 with 3/2 added on the diagonal: the same bits (halving
+        # is exact and commutes with rounding), without an r x r identity
+        t = (y if z is None else z @ y).mul(-0.5)
+        t.diagonal(dim1=-2, dim2=-1).add_(1.5)
         z = t if z is None else t @ z
         if i + 1 < iters:  # the last step's Y is not used
             y = y @ t
-    return (eye if z is None else z), c
+    if z is None:
+        z = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m)
+    return z, c
 
 
 def inv_sqrt_spd_newton_schulz(m: Tensor, iters: int = 20) -> tuple[Tensor, Tensor]:
