@@ -141,8 +141,9 @@ def _eye(like: Tensor, k: int) -> Tensor:
 def _sym_coefficient_gram(k: Tensor, g: Tensor, h: Tensor, c: Tensor, e: Tensor) -> Tensor:
     """``sym(Y^T Y)`` (:func:`coefficient_gram`) with five ``r x r`` products instead of six:
     ``sym(C^T G E + E^T G^T C) = sym(2 C^T G E)``, so ``sym(C^T (K C + 2 G E) + E^T (H E))``."""
-    inner = (k @ c).add_(g @ e, alpha=2.0)
-    yty = (c.mT @ inner).add_(e.mT @ (h @ e))
+    mm = smallmat.bmm
+    inner = mm(g, e, mm(k, c), alpha=2.0)
+    yty = mm(e.mT, mm(h, e), mm(c.mT, inner))
     return sym(yty)
 
 
@@ -236,12 +237,13 @@ def _cayley_fp_coefficients(k: Tensor, g: Tensor, h: Tensor, lr: Tensor,
 
     ``r x r`` products: 3 for the blocks, 1 for the first iteration, 4 for each further one
     (the dense form: 3, then 8 for the step size and 4 per iteration)."""
+    mm = smallmat.bmm
     sg = (g + g.mT).mul_(0.5)
-    ksg = k @ sg
+    ksg = mm(k, sg)
     a = (ksg - g).mul_(-0.5).add_(sg)  # sym(G) - (K sym(G) - G) / 2
     skew = a - a.mT
-    p11 = (skew @ k).add_(g.mT)  # A K + G^T
-    p12 = (skew @ g).add_(h)     # A G + H
+    p11 = mm(skew, k, g.mT)  # A K + G^T
+    p12 = mm(skew, g, h)     # A G + H
     # ||W_1||_F^2 = -tr((M_1 N)^2), M_1 N = [[P11, P12], [-K, -G]]
     trace = ((p11 * p11.mT).sum((-2, -1)) - 2.0 * (p12 * k.mT).sum((-2, -1))
              + (g * g.mT).sum((-2, -1)))
@@ -250,14 +252,14 @@ def _cayley_fp_coefficients(k: Tensor, g: Tensor, h: Tensor, lr: Tensor,
     half_lr = 0.5 * lr
     # iteration 1, from U = e1 + c_0 = [2I + lr sym(G); -lr I]:
     #   C = I + (lr/2) (2 P11 + lr (P11 sym(G) - P12)),  E = -(lr/2) (2K + lr (K sym(G) - G))
-    c = (p11 @ sg).sub_(p12).mul_(lr).add_(p11, alpha=2.0).mul_(half_lr)
+    c = mm(p11, sg).sub_(p12).mul_(lr).add_(p11, alpha=2.0).mul_(half_lr)
     c.diagonal(dim1=-2, dim2=-1).add_(1.0)
     e = (ksg - g).mul_(lr).add_(k, alpha=2.0).mul_(-half_lr)
     for _ in range(iters - 1):
         u1 = c.clone()
         u1.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        top = (p11 @ u1).baddbmm_(p12, e)
-        e = (k @ u1).baddbmm_(g, e).mul_(-half_lr)
+        top = mm(p12, e, mm(p11, u1))
+        e = mm(g, e, mm(k, u1)).mul_(-half_lr)
         c = top.mul_(half_lr)
         c.diagonal(dim1=-2, dim2=-1).add_(1.0)
     return c, e
@@ -424,7 +426,7 @@ def step_coefficients(
     s = _correction_or_none(k, g, h, c, e, tol)
     if s is None:  # no factor drifted (known on the CPU without a sync): C S = C, E S = E
         return c, e, info
-    return c @ s, e @ s, info
+    return smallmat.bmm(c, s), smallmat.bmm(e, s), info
 
 
 def apply_coefficients(x: Tensor, d: Tensor, c: Tensor, e: Tensor) -> Tensor:

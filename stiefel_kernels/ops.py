@@ -271,3 +271,47 @@ _FUSED_FAKES = {"stiefel_adamw_pass1": _stiefel_adamw_pass1_fake,
 
 
 _FUSED_LIB = _register("FRAGMENT", FUSED_OPS, _FUSED_SCHEMAS, _FUSED_DEFAULTS, _FUSED_FAKES)
+
+
+# ============================================================================= small batched products
+# ``small_bmm(a, b, add, alpha) -> add + alpha * (a @ b)`` for ``a`` ``(B, m, k)``, ``b``
+# ``(B, k, n)``, ``add`` ``(B, m, n)`` or None; float32/float64; any strides. The ``r x r``
+# products of the retraction's small step (``stiefel_kernels.smallmat.bmm``). The default kernel
+# is torch's ``baddbmm``; the CPU kernel (csrc/small_bmm_cpu.cpp) exists because torch's CPU
+# bmm (MKL) runs at less than half of an AVX-512 core's FMA rate on the AMD CPUs it was measured
+# on. Results agree to rounding (one FMA per term, summed over k in order), not bit for bit.
+
+#: the small-product operator, ``torch.ops.stiefel_kernels.small_bmm``
+SMALL_BMM_OPS = ("small_bmm",)
+_SMALL_BMM_SCHEMAS = {"small_bmm": "small_bmm(Tensor a, Tensor b, Tensor? add, float alpha) -> Tensor"}
+
+
+def _check_small_bmm(a: Tensor, b: Tensor, add: Tensor | None) -> None:
+    torch._check(a.dim() == 3 and b.dim() == 3, lambda: "stiefel_kernels::small_bmm: expected "
+                 f"3-dim a (B, m, k) and b (B, k, n), got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    torch._check(a.shape[0] == b.shape[0] and a.shape[2] == b.shape[1], lambda: "stiefel_kernels::"
+                 f"small_bmm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply")
+    torch._check(a.dtype == b.dtype and a.dtype in _DTYPES, lambda: "stiefel_kernels::small_bmm: "
+                 f"expected float32 or float64 operands of one dtype, got {a.dtype} and {b.dtype}")
+    if add is not None:
+        want = (a.shape[0], a.shape[1], b.shape[2])
+        torch._check(tuple(add.shape) == want and add.dtype == a.dtype, lambda: "stiefel_kernels::"
+                     f"small_bmm: add must have shape {want} and dtype {a.dtype}, got "
+                     f"{tuple(add.shape)}, {add.dtype}")
+
+
+def _small_bmm_default(a: Tensor, b: Tensor, add: Tensor | None, alpha: float) -> Tensor:
+    _check_small_bmm(a, b, add)
+    if add is None:
+        out = torch.bmm(a, b)
+        return out if alpha == 1.0 else out.mul_(alpha)
+    return torch.baddbmm(add, a, b, alpha=alpha)
+
+
+def _small_bmm_fake(a: Tensor, b: Tensor, add: Tensor | None, alpha: float) -> Tensor:
+    _check_small_bmm(a, b, add)
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
+
+
+_SMALL_BMM_LIB = _register("FRAGMENT", SMALL_BMM_OPS, _SMALL_BMM_SCHEMAS,
+                           {"small_bmm": _small_bmm_default}, {"small_bmm": _small_bmm_fake})
