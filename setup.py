@@ -45,7 +45,7 @@ SKIP_NATIVE = os.environ.get("STIEFEL_KERNELS_SKIP_NATIVE", "") == "1"
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"  # the compile check's CMAKE_CUDA_ARCHITECTURES "80;90"
 
 CPU_SOURCES = ["csrc/module.cpp", "csrc/op_checks.cpp", "csrc/ops_cpu.cpp", "csrc/fused_step_cpu.cpp",
-               "csrc/small_bmm_cpu.cpp"]
+               "csrc/small_bmm_cpu.cpp", "csrc/cayley_step_cpu.cpp"]
 
 
 def _log(msg: str) -> None:

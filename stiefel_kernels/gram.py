@@ -362,6 +362,18 @@ def correction_iters_for(drift: float, dtype: torch.dtype = torch.float64) -> in
     return CORRECTION_ITERS
 
 
+def _probe_native_cayley_step() -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("stiefel_kernels::cayley_fp_step", "CPU")
+    except Exception:  # pragma: no cover - private API changed
+        return False
+
+
+#: probed once at import (a constant for torch.compile): the native CPU kernel of
+#: ``stiefel_kernels::cayley_fp_step`` is registered
+_NATIVE_CAYLEY_STEP = _probe_native_cayley_step()
+
+
 def _host_branch_is_free(t: Tensor) -> bool:
     """A data-dependent Python branch costs nothing here: eager CPU tensors (no device sync, no
     graph break under torch.compile)."""
@@ -418,9 +430,33 @@ def step_coefficients(
     :func:`orthonormality_correction` folded into ``(C, E)`` (every retraction: ``qr`` and
     ``polar`` are orthonormal by construction and only take it at rounding level).
 
+    On the CPU, ``cayley_fp`` runs as the native op ``stiefel_kernels::cayley_fp_step`` when
+    the extension has it (csrc/cayley_step_cpu.cpp: the same math factor by factor, with each
+    factor's own correction step count), otherwise as :func:`_step_coefficients_torch`.
+
     Returns ``(C, E, info)`` as :func:`retraction_coefficients`.
     """
     retraction = canonical_retraction(retraction)
+    if (retraction == "cayley_fp" and cayley_iters >= 1 and k.device.type == "cpu"
+            and _NATIVE_CAYLEY_STEP and k.dtype in (torch.float32, torch.float64)):
+        r = k.shape[-1]
+        batch = k.shape[:-2]
+        lr_t = _lr_tensor(lr, k)
+        lr_t = lr_t.expand(*batch, 1, 1).reshape(-1) if lr_t.numel() > 1 else lr_t.reshape(1)
+        c, e = torch.ops.stiefel_kernels.cayley_fp_step(
+            k.reshape(-1, r, r), g.reshape(-1, r, r), h.reshape(-1, r, r), lr_t, cayley_iters,
+            float(tol))
+        info = torch.zeros(batch, dtype=torch.int32, device=k.device)
+        return c.reshape(k.shape), e.reshape(k.shape), info
+    return _step_coefficients_torch(k, g, h, lr, retraction, tol=tol, cayley_iters=cayley_iters,
+                                    ns_steps=ns_steps)
+
+
+def _step_coefficients_torch(k: Tensor, g: Tensor, h: Tensor, lr: float | Tensor, retraction: str,
+                             *, tol: float, cayley_iters: int = 2,
+                             ns_steps: int = 6) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`step_coefficients` in torch ops (any device; the default kernel of
+    ``stiefel_kernels::cayley_fp_step`` and the reference its CPU kernel is tested against)."""
     c, e, info = retraction_coefficients(k, g, h, lr, retraction, cayley_iters=cayley_iters,
                                          ns_steps=ns_steps)
     s = _correction_or_none(k, g, h, c, e, tol)

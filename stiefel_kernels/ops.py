@@ -321,3 +321,51 @@ def _small_bmm_fake(a: Tensor, b: Tensor, add: Tensor | None, alpha: float) -> T
 
 _SMALL_BMM_LIB = _register("FRAGMENT", SMALL_BMM_OPS, _SMALL_BMM_SCHEMAS,
                            {"small_bmm": _small_bmm_default}, {"small_bmm": _small_bmm_fake})
+
+
+# ============================================================================= cayley_fp's r x r step
+# ``cayley_fp_step(k, g, h, lr, iters, tol) -> (C, E)``: the whole ``r x r`` step of
+# ``cayley_fp`` (coefficients and the orthonormality correction folded in) for ``k, g, h`` of
+# shape ``(F, r, r)`` (float32/float64, one layout), ``lr`` with 1 or ``F`` elements, ``iters >=
+# 1`` fixed-point iterations, drift tolerance ``tol``; ``C, E`` contiguous ``(F, r, r)``. The
+# default kernel is the torch formulation (:func:`stiefel_kernels.gram._step_coefficients_torch`);
+# the CPU kernel (csrc/cayley_step_cpu.cpp) runs it factor by factor in a per-thread workspace.
+
+#: the small-step operator, ``torch.ops.stiefel_kernels.cayley_fp_step``
+CAYLEY_STEP_OPS = ("cayley_fp_step",)
+_CAYLEY_STEP_SCHEMAS = {
+    "cayley_fp_step": "cayley_fp_step(Tensor k, Tensor g, Tensor h, Tensor lr, int iters, float tol) -> (Tensor, Tensor)"}
+
+
+def _check_cayley_fp_step(k: Tensor, g: Tensor, h: Tensor, lr: Tensor, iters: int) -> None:
+    op = "stiefel_kernels::cayley_fp_step"
+    torch._check(k.dim() == 3 and k.shape[1] == k.shape[2],
+                 lambda: f"{op}: expected k of shape (F, r, r), got {tuple(k.shape)}")
+    torch._check(g.shape == k.shape and h.shape == k.shape, lambda: f"{op}: k, g, h must have one "
+                 f"shape, got {tuple(k.shape)}, {tuple(g.shape)}, {tuple(h.shape)}")
+    torch._check(k.dtype == g.dtype == h.dtype and k.dtype in _DTYPES, lambda: f"{op}: expected "
+                 f"float32 or float64 k, g, h of one dtype, got {k.dtype}, {g.dtype}, {h.dtype}")
+    torch._check(lr.numel() in (1, k.shape[0]), lambda: f"{op}: lr must have 1 or F = {k.shape[0]} "
+                 f"elements, got {lr.numel()}")
+    torch._check(iters >= 1, lambda: f"{op}: iters must be >= 1, got {iters}")
+
+
+def _cayley_fp_step_default(k: Tensor, g: Tensor, h: Tensor, lr: Tensor, iters: int,
+                            tol: float) -> tuple[Tensor, Tensor]:
+    from .gram import _step_coefficients_torch  # noqa: PLC0415  (gram imports this module)
+
+    _check_cayley_fp_step(k, g, h, lr, iters)
+    lr = lr.reshape(-1, 1, 1) if lr.numel() > 1 else lr.reshape(())
+    c, e, _ = _step_coefficients_torch(k, g, h, lr, "cayley_fp", tol=tol, cayley_iters=iters)
+    return c.contiguous(), e.contiguous()
+
+
+def _cayley_fp_step_fake(k: Tensor, g: Tensor, h: Tensor, lr: Tensor, iters: int,
+                         tol: float) -> tuple[Tensor, Tensor]:
+    _check_cayley_fp_step(k, g, h, lr, iters)
+    return k.new_empty(k.shape), k.new_empty(k.shape)
+
+
+_CAYLEY_STEP_LIB = _register("FRAGMENT", CAYLEY_STEP_OPS, _CAYLEY_STEP_SCHEMAS,
+                             {"cayley_fp_step": _cayley_fp_step_default},
+                             {"cayley_fp_step": _cayley_fp_step_fake})

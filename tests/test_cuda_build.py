@@ -106,7 +106,7 @@ def _setup_config(**env) -> dict:
 
 
 CPU_SOURCES = ["csrc/module.cpp", "csrc/op_checks.cpp", "csrc/ops_cpu.cpp", "csrc/fused_step_cpu.cpp",
-               "csrc/small_bmm_cpu.cpp"]
+               "csrc/small_bmm_cpu.cpp", "csrc/cayley_step_cpu.cpp"]
 CUDA_SOURCES = sorted(str(p.relative_to(ROOT)) for pattern in ("*.cu", "*.cpp")
                       for p in (ROOT / "csrc" / "cuda").glob(pattern))
 

@@ -1,0 +1,290 @@
+// CPU kernel of stiefel_kernels::cayley_fp_step(k, g, h, lr, iters, tol) -> (C, E): the whole
+// r x r step of cayley_fp (the retraction's coefficients and the orthonormality correction
+// folded into them) for a batch of factors, one factor per task. Schema, default kernel (the
+// torch formulation in stiefel_kernels/gram.py) and fake kernel: stiefel_kernels/ops.py.
+//
+// The math is gram._cayley_fp_coefficients and gram._correction_or_none, line for line
+// (docs/design.md, "Gram-form derivations" and "Orthonormality correction"):
+//   sg = sym(G); a = sg - (K sg - G)/2; A = a - a^T; P11 = A K + G^T; P12 = A G + H;
+//   step = min(lr, 1/||W_1||_F), ||W_1||_F^2 = -(tr(P11 P11) - 2 tr(P12 K) + tr(G G));
+//   iteration 1: C = I + (step/2)(2 P11 + step (P11 sg - P12)), E = -(step/2)(2K + step (K sg - G));
+//   further iterations: U = I + C; C <- I + (step/2)(P11 U + P12 E); E <- -(step/2)(K U + G E);
+//   M = sym(C^T (K C + 2 G E) + E^T (H E)); where ||M - I||_F > tol, (C, E) <- (C, E) S with
+//   S = Z c^(-1/2) from the coupled Newton-Schulz iteration on M / c
+//   (smallmat.newton_schulz_inv_sqrt), as many steps as gram.correction_iters_for gives for
+//   this factor's drift.
+// One difference: the torch formulation on the CPU takes the correction's step count from the
+// largest drift of the batch, this kernel from each factor's own (both reach the dtype's
+// rounding target; the tests compare the two at the tolerance policy's bounds).
+//
+// Why: on the CPU the torch formulation spends about as long in ~40 element-wise ops and their
+// allocations over (F, r, r) temporaries as in its products, and the temporaries (2.4 MB each
+// at 144 factors of r = 64) are handed back to the system by glibc after every step and taken
+// again in page faults (~2,000-3,700 per step). Here every factor's temporaries live in a
+// per-thread workspace of a few r x r matrices, in L1/L2; the only allocations are the outputs.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "small_matmul.h"
+
+namespace stiefel_kernels {
+namespace {
+
+using small_matmul::Item;
+
+// gram._CORRECTION_STEPS: the fewest Newton-Schulz steps that bring the correction's residual
+// below the dtype's target for every drift up to the bound (tests/test_gram_small_step.py)
+int correction_steps(double drift, bool is_double) {
+  static const double kBound64[] = {1e-4, 1e-2, 0.1};
+  static const int kSteps64[] = {2, 3, 4};
+  static const double kBound32[] = {3e-5, 5e-3, 0.05, 0.1};
+  static const int kSteps32[] = {1, 2, 3, 4};
+  if (is_double) {
+    for (int i = 0; i < 3; ++i)
+      if (drift <= kBound64[i]) return kSteps64[i];
+  } else {
+    for (int i = 0; i < 4; ++i)
+      if (drift <= kBound32[i]) return kSteps32[i];
+  }
+  return 5;  // gram.CORRECTION_ITERS
+}
+
+template <typename S>
+struct Work {
+  std::vector<S> mats;  // kMats r x r matrices
+  std::vector<S> pack;  // small_matmul's packing scratch
+  int64_t rr = 0;
+  static constexpr int kMats = 16;
+  void size_for(int64_t r) {
+    rr = r * r;
+    if (mats.size() < static_cast<size_t>(kMats * rr)) mats.resize(static_cast<size_t>(kMats * rr));
+  }
+  S* m(int i) { return mats.data() + i * rr; }
+};
+
+// out = add + alpha * (a @ b), all r x r; at: a is read transposed
+template <typename S>
+SB_INLINE void mm(S* out, const S* a, const S* b, int64_t r, Work<S>& w, const S* add = nullptr,
+                  S alpha = S(1), bool at = false) {
+  Item<S> it{a, at ? 1 : r, at ? r : 1, b, r, 1, add, r, 1, out, r, r, r, alpha};
+  small_matmul::matmul(it, w.pack);
+}
+
+template <typename S>
+SB_INLINE void add_diag(S* m, int64_t r, S v) {
+  for (int64_t i = 0; i < r; ++i) m[i * r + i] += v;
+}
+
+// one factor: k, g, h read through (rs, cs); c, e written contiguous
+template <typename S>
+SB_INLINE void factor_step(const S* k_in, const S* g_in, const S* h_in, int64_t rs, int64_t cs, S lr,
+                           int64_t iters, double tol, int64_t r, S* c_out, S* e_out, Work<S>& w) {
+  const int64_t rr = r * r;
+  S* K = w.m(0);
+  S* G = w.m(1);
+  S* H = w.m(2);
+  S* sg = w.m(3);
+  S* ksg = w.m(4);
+  S* A = w.m(5);
+  S* P11 = w.m(6);
+  S* P12 = w.m(7);
+  S* C = w.m(8);
+  S* E = w.m(9);
+  S* T1 = w.m(10);
+  S* T2 = w.m(11);
+  S* T3 = w.m(12);
+  S* M = w.m(13);
+  S* Y = w.m(14);
+  S* Z = w.m(15);
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      K[i * r + j] = k_in[i * rs + j * cs];
+      G[i * r + j] = g_in[i * rs + j * cs];
+      H[i * r + j] = h_in[i * rs + j * cs];
+    }
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) sg[i * r + j] = (G[i * r + j] + G[j * r + i]) * S(0.5);
+  mm(ksg, K, sg, r, w);
+  S* a = T1;
+  for (int64_t x = 0; x < rr; ++x) a[x] = S(-0.5) * (ksg[x] - G[x]) + sg[x];
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) A[i * r + j] = a[i * r + j] - a[j * r + i];
+  // P11 = A K + G^T (G^T into T2 first: the epilogue reads add row-major)
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) T2[i * r + j] = G[j * r + i];
+  mm(P11, A, K, r, w, T2);
+  mm(P12, A, G, r, w, H);
+  // ||W_1||_F^2 = -tr((M_1 N)^2)
+  double tr = 0.0;
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j)
+      tr += static_cast<double>(P11[i * r + j]) * P11[j * r + i] -
+            2.0 * static_cast<double>(P12[i * r + j]) * K[j * r + i] +
+            static_cast<double>(G[i * r + j]) * G[j * r + i];
+  const S w_norm = static_cast<S>(std::sqrt(std::max(-tr, 0.0)));
+  const S step = std::min(lr, S(1) / std::max(w_norm, std::numeric_limits<S>::min()));
+  const S half = S(0.5) * step;
+  // iteration 1 from U = [2I + step sg; -step I]
+  mm(T1, P11, sg, r, w);
+  for (int64_t x = 0; x < rr; ++x) C[x] = ((T1[x] - P12[x]) * step + S(2) * P11[x]) * half;
+  add_diag(C, r, S(1));
+  for (int64_t x = 0; x < rr; ++x) E[x] = ((ksg[x] - G[x]) * step + S(2) * K[x]) * (-half);
+  for (int64_t it = 1; it < iters; ++it) {
+    for (int64_t x = 0; x < rr; ++x) T1[x] = C[x];  // U = I + C
+    add_diag(T1, r, S(1));
+    mm(T2, P11, T1, r, w);
+    mm(T3, P12, E, r, w, T2);  // P11 U + P12 E
+    mm(T2, K, T1, r, w);
+    mm(Y, G, E, r, w, T2);     // K U + G E
+    for (int64_t x = 0; x < rr; ++x) {
+      E[x] = Y[x] * (-half);
+      C[x] = T3[x] * half;
+    }
+    add_diag(C, r, S(1));
+  }
+  // the correction: M = sym(C^T (K C + 2 G E) + E^T (H E))
+  mm(T1, K, C, r, w);
+  mm(T2, G, E, r, w, T1, S(2));  // inner
+  mm(T3, H, E, r, w);
+  mm(T1, C, T2, r, w, static_cast<const S*>(nullptr), S(1), /*at=*/true);
+  mm(Y, E, T3, r, w, T1, S(1), /*at=*/true);
+  double drift2 = 0.0;
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      const S v = (Y[i * r + j] + Y[j * r + i]) * S(0.5);
+      M[i * r + j] = v;
+      const double d = static_cast<double>(v) - (i == j ? 1.0 : 0.0);
+      drift2 += d * d;
+    }
+  const S drift = static_cast<S>(std::sqrt(drift2));
+  if (!(static_cast<double>(drift) > tol)) {  // no correction (also for a NaN drift, as torch's)
+    std::memcpy(c_out, C, sizeof(S) * rr);
+    std::memcpy(e_out, E, sizeof(S) * rr);
+    return;
+  }
+  // coupled Newton-Schulz on M / scale (smallmat.newton_schulz_inv_sqrt)
+  S row_max = S(0);
+  for (int64_t i = 0; i < r; ++i) {
+    S sum = S(0);
+    for (int64_t j = 0; j < r; ++j) sum += std::abs(M[i * r + j]);
+    row_max = std::max(row_max, sum);
+  }
+  const S scale = std::min(row_max, S(1) + drift);
+  for (int64_t x = 0; x < rr; ++x) Y[x] = M[x] / scale;
+  const int steps = correction_steps(static_cast<double>(drift), sizeof(S) == sizeof(double));
+  bool z_is_eye = true;
+  for (int s = 0; s < steps; ++s) {
+    S* t = T1;
+    if (z_is_eye) {
+      for (int64_t x = 0; x < rr; ++x) t[x] = Y[x] * S(-0.5);
+    } else {
+      mm(t, Z, Y, r, w, static_cast<const S*>(nullptr), S(-0.5));
+    }
+    add_diag(t, r, S(1.5));
+    if (z_is_eye) {
+      std::memcpy(Z, t, sizeof(S) * rr);
+      z_is_eye = false;
+    } else {
+      mm(T2, t, Z, r, w);
+      std::memcpy(Z, T2, sizeof(S) * rr);
+    }
+    if (s + 1 < steps) {
+      mm(T2, Y, t, r, w);
+      std::memcpy(Y, T2, sizeof(S) * rr);
+    }
+  }
+  const S inv_sqrt = S(1) / std::sqrt(scale);
+  for (int64_t x = 0; x < rr; ++x) Z[x] *= inv_sqrt;
+  mm(c_out, C, Z, r, w);
+  mm(e_out, E, Z, r, w);
+}
+
+struct Args {
+  const void* k;
+  const void* g;
+  const void* h;
+  int64_t s0, rs, cs;  // strides of k, g, h (the same for the three)
+  const double* lr;    // one per factor, or one
+  bool lr_each;
+  int64_t iters;
+  double tol;
+  int64_t r;
+  void* c;
+  void* e;
+};
+
+template <typename S>
+SB_INLINE void run_range(const Args& a, int64_t begin, int64_t end) {
+  Work<S> w;
+  w.size_for(a.r);
+  const S* k = static_cast<const S*>(a.k);
+  const S* g = static_cast<const S*>(a.g);
+  const S* h = static_cast<const S*>(a.h);
+  S* c = static_cast<S*>(a.c);
+  S* e = static_cast<S*>(a.e);
+  const int64_t rr = a.r * a.r;
+  for (int64_t f = begin; f < end; ++f) {
+    const S lr = static_cast<S>(a.lr[a.lr_each ? f : 0]);
+    factor_step<S>(k + f * a.s0, g + f * a.s0, h + f * a.s0, a.rs, a.cs, lr, a.iters, a.tol, a.r,
+                   c + f * rr, e + f * rr, w);
+  }
+}
+
+SB_CLONES void range_f32(const Args& a, int64_t begin, int64_t end) { run_range<float>(a, begin, end); }
+SB_CLONES void range_f64(const Args& a, int64_t begin, int64_t end) { run_range<double>(a, begin, end); }
+
+std::tuple<at::Tensor, at::Tensor> cayley_fp_step_cpu(const at::Tensor& k, const at::Tensor& g,
+                                                      const at::Tensor& h, const at::Tensor& lr,
+                                                      int64_t iters, double tol) {
+  const char* op = "stiefel_kernels::cayley_fp_step";
+  TORCH_CHECK(k.dim() == 3 && k.size(1) == k.size(2), op, ": expected k of shape (F, r, r), got ",
+              k.sizes());
+  TORCH_CHECK(g.sizes() == k.sizes() && h.sizes() == k.sizes(), op, ": k, g, h must have one shape, got ",
+              k.sizes(), ", ", g.sizes(), ", ", h.sizes());
+  TORCH_CHECK(k.scalar_type() == g.scalar_type() && k.scalar_type() == h.scalar_type() &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kDouble),
+              op, ": expected float32 or float64 k, g, h of one dtype, got ", k.scalar_type(), ", ",
+              g.scalar_type(), ", ", h.scalar_type());
+  TORCH_CHECK(lr.numel() == 1 || lr.numel() == k.size(0), op, ": lr must have 1 or F = ", k.size(0),
+              " elements, got ", lr.numel());
+  TORCH_CHECK(iters >= 1, op, ": iters must be >= 1, got ", iters);
+  const int64_t nf = k.size(0), r = k.size(1);
+  at::Tensor c = at::empty({nf, r, r}, k.options());
+  at::Tensor e = at::empty({nf, r, r}, k.options());
+  if (nf == 0 || r == 0) return {c, e};
+  // k, g, h: one layout (the views of pass 1's (F, 3, r, r) output), else contiguous copies
+  at::Tensor kk = k, gg = g, hh = h;
+  if (g.strides() != k.strides() || h.strides() != k.strides()) {
+    kk = k.contiguous();
+    gg = g.contiguous();
+    hh = h.contiguous();
+  }
+  at::Tensor lr64 = lr.to(at::kDouble).contiguous().reshape({-1});
+  Args a{kk.data_ptr(), gg.data_ptr(), hh.data_ptr(), kk.stride(0), kk.stride(1), kk.stride(2),
+         lr64.data_ptr<double>(), lr64.numel() > 1, iters, tol, r, c.data_ptr(), e.data_ptr()};
+  const bool f64 = k.scalar_type() == at::kDouble;
+  at::parallel_for(0, nf, 1, [&](int64_t begin, int64_t end) {
+    if (f64) {
+      range_f64(a, begin, end);
+    } else {
+      range_f32(a, begin, end);
+    }
+  });
+  return {c, e};
+}
+
+}  // namespace
+}  // namespace stiefel_kernels
+
+TORCH_LIBRARY_IMPL(stiefel_kernels, CPU, m) {
+  m.impl("cayley_fp_step", &stiefel_kernels::cayley_fp_step_cpu);
+}
