@@ -6,11 +6,9 @@
 //                       eps, amsgrad, maximize, row_orthonormal) -> grams (P, *batch, 3, r, r)
 //     moments in place (bit for bit torch's _foreach_lerp_ / _foreach_mul_ / _foreach_addcmul_ /
 //     _foreach_maximum_ where torch runs its AVX2/AVX512 kernels: both use one FMA for lerp and
-//     for addcmul), D = m / (sqrt(v) * s + t) with s = bc1 / bc2, t = bc1 * eps formed in
-//     float64 and rounded once to the working dtype, a correctly rounded sqrt, a multiply and an
-//     add rounded separately (no FMA) and one IEEE division (torch's CPU sqrt is not correctly
-//     rounded, so D may differ from the torch backend's in the last bit), and K = X^T X,
-//     G = X^T D, H = D^T D.
+//     for addcmul), D = (m / bc1) / (sqrt(v) / bc2 + eps) with IEEE (correctly rounded) division
+//     and sqrt (torch's CPU sqrt is not correctly rounded, so D may differ from the torch
+//     backend's in the last bit), and K = X^T X, G = X^T D, H = D^T D.
 //   stiefel_adamw_pass2(params, exp_avgs, exp_avg_sqs, bc, c, e, eps, row_orthonormal)
 //     X <- X + (X (C - I) + D E) in place, D recomputed exactly as pass 1 computed it.
 //
@@ -25,10 +23,8 @@
 // Float32 parameters laid out as the micro-kernels need them (wide: r a multiple of 4 and whole
 // vectors; tall: packed rows, whole groups of 4 rows) are read in place instead of copied.
 //
-// Speed (issue 13): the elementwise part is bound by the divider (one correctly rounded
-// division and a square root per element: D = m / (sqrt(v) * s + t) is the algebraically
-// identical form of (m / bc1) / (sqrt(v) / bc2 + eps) with one division instead of two) and by
-// memory, the micro-kernels by the FMA units;
+// Speed (issue 13): the elementwise part is bound by the divider (two correctly rounded
+// divisions and a square root per element) and by memory, the micro-kernels by the FMA units;
 // run one after the other they add up. So the work is software-pipelined: while the tiles of
 // sub-block q run, the elementwise part of sub-block q + 1 is done in slices handed over from
 // inside the tiles every few inner steps (Producer; double-buffered scratch), and the inputs of
@@ -44,15 +40,7 @@
 // (x86-64-v4 / v3 / baseline, picked at load time: target_clones), like ops_cpu.cpp. at::vec is
 // not used: in an extension compiled without torch's per-capability flags it is the generic
 // array implementation, and its fmadd does not say whether it fuses, which the bit-exact moment
-// update needs to control (explicit __builtin_fma there). The one other multiply that feeds an
-// add in the elementwise part, sqrt(v) * s + t in D, must NOT fuse (two roundings, as torch's
-// `v.sqrt() * s + t`): GCC contracts a * b + c into an FMA under its default -ffp-contract=fast
-// (GNU and ISO C++ modes alike; measured with GCC 12 at -O3 in the x86-64-v3/v4 clones, in
-// vectorized loops even through __builtin_assoc_barrier), and the micro-kernels rely on that
-// contraction, so it stays on; instead the product is stored to the scratch in one loop and the
-// add and division run in a second loop over the same run (see direction_tail), which GCC does
-// not fuse. tests/test_cpu_fused.py checks D bit for bit against the unfused torch expression on
-// data where an FMA would change it.
+// update needs to control (explicit __builtin_fma there; no other multiply feeds an add in it).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -200,32 +188,15 @@ struct Hyper {
   bool lerp_small;  // weight < 0.5: m + w (g - m), else g + (w - 1) (g - m); one FMA either way
   S beta2;
   S one_minus_beta2;
+  S eps;
   bool maximize;
 };
-
-// D's coefficients for one tensor of the list: D = m / (sqrt(v) * s + t), s = bc1 / bc2 and
-// t = bc1 * eps formed in float64 from the float64 bias corrections and rounded once to S.
-template <typename S>
-struct DirCoef {
-  S s = 1, t = 0;
-};
-template <typename S>
-DirCoef<S> dir_coef(double bc1, double bc2, double eps) {
-  return DirCoef<S>{static_cast<S>(bc1 / bc2), static_cast<S>(bc1 * eps)};
-}
-
-// The second half of D over a run: d holds sqrt(v) * s (rounded), d <- m / (d + t). A loop of
-// its own, so that the multiply and the add are not contracted into an FMA (see the header).
-template <typename S>
-SK_INLINE void direction_tail(const S* __restrict m, S* __restrict d, int64_t len, S t) {
-  for (int64_t j = 0; j < len; ++j) d[j] = m[j] / (d[j] + t);
-}
 
 // m, v (and v_max) in place, D into d; contiguous runs of len elements.
 template <typename P, typename S, bool kAms>
 SK_INLINE void moments(const P* __restrict g, S* __restrict m, S* __restrict v, S* __restrict vmax,
-                       S* __restrict d, int64_t len, const Hyper<S>& h, DirCoef<S> dc) {
-  const S w = h.lerp_w, b2 = h.beta2, c2 = h.one_minus_beta2, s = dc.s;
+                       S* __restrict d, int64_t len, const Hyper<S>& h, S bc1, S bc2) {
+  const S w = h.lerp_w, b2 = h.beta2, c2 = h.one_minus_beta2, eps = h.eps;
   const bool small = h.lerp_small, neg = h.maximize;
   for (int64_t j = 0; j < len; ++j) {
     const S g0 = load_as<P, S>(g[j]);
@@ -242,18 +213,15 @@ SK_INLINE void moments(const P* __restrict g, S* __restrict m, S* __restrict v, 
       vd = (vm > vj || vm != vm) ? vm : vj;
       vmax[j] = vd;
     }
-    d[j] = std::sqrt(vd) * s;  // D = m / (sqrt(v) * s + t): the add and division below
+    d[j] = (mj / bc1) / (std::sqrt(vd) / bc2 + eps);
   }
-  direction_tail<S>(m, d, len, dc.t);
 }
 
 // D only (pass 2), the same expression as in moments().
 template <typename S>
 SK_INLINE void direction(const S* __restrict m, const S* __restrict v, S* __restrict d, int64_t len,
-                         DirCoef<S> dc) {
-  const S s = dc.s;
-  for (int64_t j = 0; j < len; ++j) d[j] = std::sqrt(v[j]) * s;
-  direction_tail<S>(m, d, len, dc.t);
+                         S eps, S bc1, S bc2) {
+  for (int64_t j = 0; j < len; ++j) d[j] = (m[j] / bc1) / (std::sqrt(v[j]) / bc2 + eps);
 }
 
 // ----------------------------------------------------------------------- Gram micro-kernels
@@ -619,13 +587,14 @@ Bucket describe(const char* op, const std::vector<at::TensorList>& slots, bool r
 }
 
 template <typename S>
-Hyper<S> make_hyper(double beta1, double beta2, bool maximize) {
+Hyper<S> make_hyper(double beta1, double beta2, double eps, bool maximize) {
   Hyper<S> h;
   const S w = static_cast<S>(1.0 - beta1);  // torch: Scalar weight -> opmath
   h.lerp_small = std::abs(w) < S(0.5);
   h.lerp_w = h.lerp_small ? w : w - S(1);
   h.beta2 = static_cast<S>(beta2);
   h.one_minus_beta2 = static_cast<S>(1.0 - beta2);
+  h.eps = static_cast<S>(eps);
   h.maximize = maximize;
   return h;
 }
@@ -661,7 +630,7 @@ struct Scratch {
 // Each parallel_for range walks its sub-blocks (rows [b0, b0 + nb) of one item = one factor's
 // chunk) in order. The elementwise part of sub-block q + 1 (moments, D, x into scratch) is done
 // in slices between the register tiles of the micro-kernels of sub-block q (double-buffered
-// scratch), so the divider (a division and a square root per element), the FMA units and the
+// scratch), so the divider (two divisions and a square root per element), the FMA units and the
 // memory stream work at the same time instead of one after the other; the inputs of sub-block
 // q + 2 are prefetched as sub-block q + 1 is filled. The arithmetic of every element and of
 // every Gram sum is the same as without the overlap (same expressions, same order).
@@ -781,7 +750,7 @@ struct Producer {
   static constexpr int64_t kPiece = 64;
   Runs<P, S> R, ahead;
   const Hyper<S>* h = nullptr;
-  DirCoef<S> dc;
+  S eps = 0, bc1 = 1, bc2 = 1;
   int64_t run = 0, pos = 0;
 
   bool done() const { return run >= R.nrun; }
@@ -796,9 +765,9 @@ struct Producer {
       if constexpr (kPass1) {
         const int64_t og = run * R.ldg + pos, ox = run * R.ldx + pos;
         moments<P, S, kAms>(R.g + og, R.m + om, R.v + ov, kAms ? R.vmax + ox : nullptr, dd, len, *h,
-                            dc);
+                            bc1, bc2);
       } else {
-        direction<S>(R.m + om, R.v + ov, dd, len, dc);
+        direction<S>(R.m + om, R.v + ov, dd, len, eps, bc1, bc2);
       }
       if (!R.direct_x) convert_in<P, S>(R.p + op, dx, len);
       if (run < ahead.nrun && pos < ahead.runlen) {
@@ -830,7 +799,6 @@ template <typename S>
 struct Pass1Ctx {
   const Bucket* bk;
   Hyper<S> hyp;
-  double eps;
   const double* bc;  // (2, P)
   S* partials;       // (F, nchunks, 3, r, r)
 };
@@ -864,7 +832,8 @@ SK_INLINE void pass1_range_impl(const Pass1Ctx<S>& cx, int64_t begin, int64_t en
     if (ahead.valid())
       pr.ahead = make_runs<P, S>(geo, bk.factors[ahead.item / geo.nchunks], ahead, nullptr, nullptr, W);
     pr.h = &cx.hyp;
-    pr.dc = dir_coef<S>(cx.bc[f.bc_index], cx.bc[bk.lists + f.bc_index], cx.eps);
+    pr.bc1 = static_cast<S>(cx.bc[f.bc_index]);
+    pr.bc2 = static_cast<S>(cx.bc[bk.lists + f.bc_index]);
     return pr;
   };
   Blk cur = first_blk(geo, begin, end);
@@ -941,7 +910,7 @@ at::Tensor run_pass1(const Bucket& bk, const at::Tensor& bc, double beta1, doubl
   const int64_t items = nf * geo.nchunks;
   at::Tensor partials = at::empty({items * 3 * r * r}, opts);
   at::Tensor bcd = bc.to(at::kDouble).contiguous();
-  Pass1Ctx<S> cx{&bk, make_hyper<S>(beta1, beta2, maximize), eps, bcd.data_ptr<double>(),
+  Pass1Ctx<S> cx{&bk, make_hyper<S>(beta1, beta2, eps, maximize), bcd.data_ptr<double>(),
                  partials.data_ptr<S>()};
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     Scratch<S> sc(geo);
@@ -1006,7 +975,7 @@ at::Tensor stiefel_adamw_pass1_cpu(at::TensorList params, at::TensorList grads, 
 template <typename S>
 struct Pass2Ctx {
   const Bucket* bk;
-  double eps;
+  S eps;
   const double* bc;  // (2, P)
   const double* c;   // (F, r, r)
   const double* e;   // (F, r, r)
@@ -1029,7 +998,9 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
     pr.R = make_runs<P, S>(geo, f, b, sc.d[buf], sc.x[buf], 4 * W);
     if (ahead.valid())
       pr.ahead = make_runs<P, S>(geo, bk.factors[ahead.item / geo.nchunks], ahead, nullptr, nullptr, 4 * W);
-    pr.dc = dir_coef<S>(cx.bc[f.bc_index], cx.bc[bk.lists + f.bc_index], cx.eps);
+    pr.eps = cx.eps;
+    pr.bc1 = static_cast<S>(cx.bc[f.bc_index]);
+    pr.bc2 = static_cast<S>(cx.bc[bk.lists + f.bc_index]);
     return pr;
   };
   Blk cur = first_blk(geo, begin, end);
@@ -1105,7 +1076,7 @@ void run_pass2(const Bucket& bk, const at::Tensor& bc, const at::Tensor& c, cons
   at::Tensor bcd = bc.to(at::kDouble).contiguous();
   at::Tensor cd = c.to(at::kDouble).contiguous();
   at::Tensor ed = e.to(at::kDouble).contiguous();
-  Pass2Ctx<S> cx{&bk, eps, bcd.data_ptr<double>(), cd.data_ptr<double>(),
+  Pass2Ctx<S> cx{&bk, static_cast<S>(eps), bcd.data_ptr<double>(), cd.data_ptr<double>(),
                  ed.data_ptr<double>()};
   at::parallel_for(0, nf * geo.nchunks, 1, [&](int64_t begin, int64_t end) {
     Scratch<S> sc(geo);

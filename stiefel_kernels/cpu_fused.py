@@ -20,15 +20,11 @@ Numerics (what the tests check):
   ``_foreach_addcmul_(v, g, g, 1 - beta2)``, ``_foreach_maximum_(v_max, v)`` as torch computes
   them with its AVX2/AVX512 kernels (one FMA for lerp and one for addcmul); on a CPU without FMA
   the results differ from torch's in the last bit;
-* ``D = m / (sqrt(v) * s + t)`` in the working dtype with ``s = bc1 / bc2`` and
-  ``t = bc1 * eps`` formed in float64 from ``bc`` and rounded once: the literal
-  ``(m / bc1) / (sqrt(v) / bc2 + eps)`` with one division instead of two (the divider bounds
-  these passes; docs/design.md). A correctly rounded ``sqrt`` (as the Triton kernels'
-  ``sqrt_rn``), then a multiply and an add rounded separately (not an FMA) and one IEEE
-  division: the torch backend's expression in its order. torch's CPU ``sqrt`` is not correctly
-  rounded (in torch 2.13's CPU wheel about 16% of random float32 inputs differ in the last bit),
-  so ``D`` can differ from the torch backend's by one rounding; it is within a few ulps of the
-  float64 ``m_hat / (sqrt(v_hat) + eps)``; pass 2 recomputes the kernel's ``D`` bit for bit;
+* ``D = (m / bc1) / (sqrt(v) / bc2 + eps)`` in the working dtype, the torch backend's expression
+  in its order, with a correctly rounded ``sqrt`` (as the Triton kernels' ``sqrt_rn``). torch's
+  CPU ``sqrt`` is not correctly rounded (in torch 2.13's CPU wheel about 16% of random float32
+  inputs differ in the last bit), so ``D`` can differ from the torch backend's by one rounding;
+  pass 2 recomputes the kernel's ``D`` bit for bit;
 * ``K = X^T X``, ``G = X^T D``, ``H = D^T D``: products accumulated in the working dtype within
   chunks of 4096 rows of ``X`` (``gram.GRAM_CHUNK_ROWS``), chunk partials added in float64 in
   chunk order: the same bits at any thread count; ``K`` and ``H`` exactly symmetric;
@@ -130,9 +126,8 @@ def pass1(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
         max_exp_avg_sqs: with ``hp.amsgrad``, updated in place to ``max(v_max, v)`` (and used
             for ``D``); ignored (may be ``None``) otherwise.
         bc: ``(2, P)`` floating tensor: ``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` per parameter
-            (steps already incremented; :func:`bias_correction_tensor`), read as float64; the
-            coefficients ``s = bc1 / bc2`` and ``t = bc1 * eps`` of ``D`` are formed from it in
-            float64 and rounded to the working dtype inside, as the torch backend does.
+            (steps already incremented; :func:`bias_correction_tensor`), rounded to the
+            working dtype inside, as the torch backend does.
         hp: :class:`stiefel_kernels.backends.StiefelHyperparams` (or anything with ``beta1``,
             ``beta2``, ``eps``, ``amsgrad``, ``maximize``; a dict works too).
         row_orthonormal: orientation; default :func:`stiefel_kernels.geometry.is_row_orthonormal`

@@ -192,21 +192,15 @@ def _fused_shape(params, row_orthonormal: bool, op: str) -> tuple[tuple[int, ...
     return tuple(p0.shape[:-2]), r
 
 
-def _fused_direction(m: Tensor, v: Tensor, s: Tensor, t: Tensor) -> Tensor:
-    """``D = m / (sqrt(v) * s + t)``: the multiply and the add rounded separately (no FMA), one
-    division (:func:`_fused_coefficients`)."""
-    return m / (v.sqrt().mul_(s).add_(t))
+def _fused_direction(m: Tensor, v: Tensor, bc1: Tensor, bc2: Tensor, eps: float) -> Tensor:
+    return (m / bc1) / (v.sqrt() / bc2 + eps)
 
 
-def _fused_coefficients(bc: Tensor, eps: float, like: Tensor) -> tuple[Tensor, Tensor]:
-    """``s = bc1 / bc2`` and ``t = bc1 * eps`` per tensor, formed in float64 and rounded once to
-    ``like``'s dtype, as ``(P, 1, ..., 1)`` tensors (``D = (m / bc1) / (sqrt(v) / bc2 + eps)``
-    with one division instead of two; csrc/fused_step_cpu.cpp)."""
+def _fused_bc(bc: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-tensor bias corrections as ``(P, 1, ..., 1)`` tensors of ``like``'s dtype."""
     shape = (-1, *([1] * (like.dim() - 1)))
-    bc = bc.to(dtype=torch.float64, device=like.device)
-    s = (bc[0] / bc[1]).to(like.dtype)
-    t = (bc[0] * eps).to(like.dtype)
-    return s.view(shape), t.view(shape)
+    bc = bc.to(dtype=like.dtype, device=like.device)
+    return bc[0].view(shape), bc[1].view(shape)
 
 
 def _stiefel_adamw_pass1_default(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc,
@@ -228,8 +222,8 @@ def _stiefel_adamw_pass1_default(params, grads, exp_avgs, exp_avg_sqs, max_exp_a
         torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
         vs = max_exp_avg_sqs
     m = torch.stack(list(exp_avgs))
-    s, t = _fused_coefficients(bc, eps, m)
-    d = _fused_direction(m, torch.stack(list(vs)), s, t)
+    bc1, bc2 = _fused_bc(bc, m)
+    d = _fused_direction(m, torch.stack(list(vs)), bc1, bc2, eps)
     x = torch.stack(list(params)).to(work)
     if row_orthonormal:
         x, d = x.mT, d.mT
@@ -243,8 +237,8 @@ def _stiefel_adamw_pass2_default(params, exp_avgs, exp_avg_sqs, bc, c, e, eps, r
     batch, r = _fused_shape(params, row_orthonormal, "stiefel_adamw_pass2")
     work = _fused_working_dtype(params[0].dtype)
     m = torch.stack(list(exp_avgs))
-    s, t = _fused_coefficients(bc, eps, m)
-    d = _fused_direction(m, torch.stack(list(exp_avg_sqs)), s, t)
+    bc1, bc2 = _fused_bc(bc, m)
+    d = _fused_direction(m, torch.stack(list(exp_avg_sqs)), bc1, bc2, eps)
     x = torch.stack(list(params)).to(work)
     if row_orthonormal:
         x, d = x.mT, d.mT

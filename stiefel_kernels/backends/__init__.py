@@ -259,16 +259,6 @@ def bias_correction_tensor(state_steps: list[Tensor] | Tensor, beta1: float, bet
     return bc
 
 
-def direction_coefficients(bc: Tensor, eps: float, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``(2, F)`` of ``dtype``: ``s = bc1 / bc2`` and ``t = bc1 * eps`` per factor, formed in
-    float64 from a float64 :func:`bias_correction_tensor` and rounded once, on its device (no
-    sync). The fast paths compute ``D = m / (sqrt(v) * s + t)``, the literal
-    ``(m / bc1) / (sqrt(v) / bc2 + eps)`` with one division instead of two (the division is what
-    bounds the native CPU passes; docs/design.md), the multiply and the add rounded separately."""
-    bc = bc.to(torch.float64)
-    return torch.stack((bc[0] / bc[1], bc[0] * eps)).to(dtype)
-
-
 from . import reference as _reference  # noqa: E402
 from . import torch_backend as _torch_backend  # noqa: E402
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import _buckets, cpu_fused, geometry, gram
 from . import (FunctionBackend, StiefelHyperparams, advance_steps, bias_correction_tensor,
-               direction_coefficients, gram_orthogonality_error, state_dtype)
+               gram_orthogonality_error, state_dtype)
 
 name = "torch"
 
@@ -108,11 +108,9 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
             vs = maxs
 
         m = torch.stack(ms)
-        # D = m / (sqrt(v) * s + t), s = bc1 / bc2, t = bc1 * eps (float64, rounded once): the
-        # native passes' expression; mul_ and add_ round separately (no FMA)
-        bc = bias_correction_tensor(t, hp.beta1, hp.beta2, m.device, dtype=torch.float64)
-        s, tt = direction_coefficients(bc, hp.eps, m.dtype).view(2, -1, *([1] * (m.dim() - 1)))
-        d = m.div_(torch.stack(vs).sqrt_().mul_(s).add_(tt))
+        bc1, bc2_sqrt = bias_correction_tensor(t, hp.beta1, hp.beta2, m.device,
+                                               dtype=m.dtype).view(2, -1, *([1] * (m.dim() - 1)))
+        d = (m / bc1) / (torch.stack(vs).sqrt() / bc2_sqrt + hp.eps)
         x = torch.stack(ps).to(work)
         x, d = (x.mT, d.mT) if rows else (x, d)  # column form
 

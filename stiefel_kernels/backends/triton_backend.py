@@ -25,10 +25,6 @@ nothing is stacked or copied; a stack (``(..., a, b)`` parameter) contributes on
 matrix. Wide stored factors are read transposed through strides. Hyper-parameters and bias
 corrections are runtime arguments: changing ``lr`` or the step never recompiles.
 
-``D = m / (sqrt(v) * s + t)`` (every fast backend's expression): per matrix ``s = bc1 / bc2`` and
-``t = bc1 * eps``, formed in float64 on the device from the step counters
-(:func:`~stiefel_kernels.backends.direction_coefficients`) and passed to the kernels as fp32.
-
 No host synchronization: bias corrections come from the CPU step counters; the count of failed
 ``r x r`` factorizations stays on the device.
 
@@ -62,7 +58,7 @@ from ..kernels.launch import (  # noqa: F401  (re-exported: tests and benchmarks
     SMALL_STEP_MAX_RANK, SMALL_STEP_TRITON, TILES, launch_config, next_pow2 as _next_pow2,
     orientation as _orientation, pass1, pass2, pointer_array, small_step, small_step_launch)
 from . import (FunctionBackend, StiefelHyperparams, advance_steps, bias_correction_tensor,
-               direction_coefficients, gram_orthogonality_error, state_dtype)
+               gram_orthogonality_error, state_dtype)
 
 name = "triton"
 
@@ -127,7 +123,7 @@ class _Plan:
     def __init__(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad: bool,
                  rows: bool | None = None):
         device = params[0].device
-        self.launches = []  # (ptrs, shape, p dtype, g dtype, cfg, num, r, dc offset, partials)
+        self.launches = []  # (ptrs, shape, p dtype, g dtype, cfg, num, r, bc offset, partials)
         self.ranks: dict[int, int] = {}  # rank -> number of its buckets (small-step batches)
         offset = 0
         for start, stop in _runs(params, grads):
@@ -179,22 +175,20 @@ def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad: bool,
 
 
 def _group_step_impl(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                     exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], dc: Tensor,
+                     exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], bc: Tensor,
                      lr: float, beta1: float, beta2: float, eps: float, maximize: bool,
                      retraction: str, cayley_iters: int, ns_steps: int,
                      drift_tol: float) -> Tensor:
     """Pass 1 per bucket, one small step for all buckets of equal rank, pass 2 per bucket.
 
-    ``dc`` is ``(2, F)`` fp32 on the factors' device: ``s = bc1 / bc2`` and ``t = bc1 * eps``
-    per matrix, in order (:func:`~stiefel_kernels.backends.direction_coefficients`; the kernels
-    read ``eps`` only through ``t``). Returns the number of failed ``r x r`` factorizations
-    (int32, on the device). (The custom op's signature: :func:`_group_step_core` also reports
-    telemetry.)"""
-    return _group_step_core(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, dc, lr, beta1,
+    ``bc`` is ``(2, F)`` fp32 on the factors' device (``1 - beta1^t`` and ``sqrt(1 - beta2^t)``
+    per matrix, in order). Returns the number of failed ``r x r`` factorizations (int32, on the
+    device). (The custom op's signature: :func:`_group_step_core` also reports telemetry.)"""
+    return _group_step_core(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc, lr, beta1,
                             beta2, eps, maximize, retraction, cayley_iters, ns_steps, drift_tol)
 
 
-def _group_step_core(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, dc, lr, beta1, beta2,
+def _group_step_core(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc, lr, beta1, beta2,
                      eps, maximize, retraction, cayley_iters, ns_steps, drift_tol,
                      telemetry: list | None = None, sharding=None) -> Tensor:
     """:func:`_group_step_impl`; ``telemetry`` (eager steps only): a list to which the largest
@@ -211,7 +205,8 @@ def _group_step_core(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, dc, 
     grams_by_rank: dict[int, list[Tensor]] = defaultdict(list)
     slots = []
     for ptrs, shape, p_dtype, g_dtype, cfg, num, r, off, partials in plan.launches:
-        grams = pass1(ptrs, shape, p_dtype, g_dtype, dc[:, off:off + num], hp, cfg, num, partials,
+        bcs = bc[:, off:off + num]
+        grams = pass1(ptrs, shape, p_dtype, g_dtype, bcs, hp, cfg, num, partials,
                       row_orthonormal=rows)
         if sharding is not None:  # every rank, empty shards included; then identical everywhere
             grams = sharding.reduce(grams.contiguous())
@@ -230,7 +225,7 @@ def _group_step_core(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, dc, 
         if count is not None:
             failures = count if failures is None else failures + count
     for (ptrs, shape, p_dtype, _, cfg, num, r, off, _), j in zip(plan.launches, slots):
-        pass2(ptrs, shape, p_dtype, dc[:, off:off + num], coefs[r][j], hp, cfg, num,
+        pass2(ptrs, shape, p_dtype, bc[:, off:off + num], coefs[r][j], hp, cfg, num,
               row_orthonormal=rows)
     if failures is None:
         failures = torch.zeros((), dtype=torch.int32, device=params[0].device)
@@ -251,7 +246,7 @@ try:
     )(_group_step_impl)
 
     @_group_step.register_fake
-    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, dc, lr, beta1, beta2, eps,
+    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc, lr, beta1, beta2, eps,
           maximize, retraction, cayley_iters, ns_steps, drift_tol):
         return torch.empty((), dtype=torch.int32, device=params[0].device)
 except (RuntimeError, ValueError, NotImplementedError) as _exc:
@@ -375,12 +370,10 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
             ps, gs, ms, vs, steps = ([ts[i] for i in idx] for ts in
                                      (staged[0], grads, staged[1], staged[2], state_steps))
             xs = [staged[3][i] for i in idx] if hp.amsgrad else []
-        bc = bias_correction_tensor(advance_steps(steps), hp.beta1, hp.beta2, device, repeats,
-                                    dtype=torch.float64)
-        dc = direction_coefficients(bc, hp.eps)  # s, t of D (float64, rounded once to fp32)
+        bc = bias_correction_tensor(advance_steps(steps), hp.beta1, hp.beta2, device, repeats)
         # the custom op is what torch.compile sees; eager calls skip its dispatch (it bumps
         # the version counter of every tensor argument: ~1 ms for 256 factors)
-        args = (ps, gs, ms, vs, xs, dc, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.maximize,
+        args = (ps, gs, ms, vs, xs, bc, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.maximize,
                 hp.retraction, hp.cayley_iters, hp.ns_steps, hp.drift_tol)
         if compiling and sharding is None:
             count = _group_step(*args)

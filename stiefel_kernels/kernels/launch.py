@@ -198,23 +198,20 @@ def orientation(shape, row_orthonormal: bool | None = None) -> tuple[int, int, i
     return a, b, b, 1
 
 
-def pass1_launch(ptrs: Tensor, shape, p_dtype: torch.dtype, g_dtype: torch.dtype, dc: Tensor,
+def pass1_launch(ptrs: Tensor, shape, p_dtype: torch.dtype, g_dtype: torch.dtype, bc: Tensor,
                  hp: StiefelHyperparams, cfg: dict, num_factors: int, partials: Tensor, *,
                  aligned: bool | None = None, dot_precision: str | None = None,
                  row_orthonormal: bool | None = None):
     """``(grid, args, kwargs)`` of one pass-1 launch (what :func:`pass1` launches and what
-    ``bench/kernel_report.py`` compiles); ``row_orthonormal`` as in :func:`orientation`.
-    ``dc``: ``(2, F)`` fp32, the coefficients ``s = bc1 / bc2`` and ``t = bc1 * eps`` of
-    ``D = m / (sqrt(v) * s + t)`` per factor
-    (:func:`stiefel_kernels.backends.direction_coefficients`; ``hp.eps`` is in ``t``)."""
+    ``bench/kernel_report.py`` compiles); ``row_orthonormal`` as in :func:`orientation`."""
     n, r, s_n, s_r = orientation(shape, row_orthonormal)
     wide = s_n == 1
     ld = s_r if wide else s_n
     if aligned is None:
         aligned = pointers_aligned(ptrs)
-    args = (ptrs, dc[0], dc[1], partials,
+    args = (ptrs, bc[0], bc[1], partials,
             num_factors, n, r, ld, cfg["rows_per_chunk"],
-            1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, -1.0 if hp.maximize else 1.0,
+            1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, hp.eps, -1.0 if hp.maximize else 1.0,
             int(hp.amsgrad))
     kwargs = dict(P_DT=PARAM_DTYPES[p_dtype], G_DT=GRAD_DTYPES[g_dtype], S_DT=tl.float32,
                   R_PAD=cfg["R_PAD"], BLOCK_N=cfg["BLOCK_N"],
@@ -224,13 +221,11 @@ def pass1_launch(ptrs: Tensor, shape, p_dtype: torch.dtype, g_dtype: torch.dtype
     return (num_factors, cfg["num_chunks"]), args, kwargs
 
 
-def pass1(ptrs: Tensor, shape, p_dtype: torch.dtype, g_dtype: torch.dtype, dc: Tensor,
+def pass1(ptrs: Tensor, shape, p_dtype: torch.dtype, g_dtype: torch.dtype, bc: Tensor,
           hp: StiefelHyperparams, cfg: dict, num_factors: int,
           partials: Tensor | None = None, *, aligned: bool | None = None,
           row_orthonormal: bool | None = None) -> Tensor:
     """Launch pass 1; returns the reduced Gram matrices ``(F, 3, r, r)`` (K, G, H), fp32.
-
-    ``dc``: ``(2, F)`` fp32 coefficients ``s, t`` of ``D`` (:func:`pass1_launch`).
 
     ``partials`` (``(F, num_chunks, 3, R_PAD, R_PAD)`` fp32) may be given (tests poison it).
     ``aligned``: whether every pointer is 16-byte aligned (default: as :func:`pointer_array`
@@ -244,7 +239,7 @@ def pass1(ptrs: Tensor, shape, p_dtype: torch.dtype, g_dtype: torch.dtype, dc: T
     if partials is None:
         partials = torch.empty((num_factors, chunks, 3, r_pad, r_pad), dtype=torch.float32,
                                device=ptrs.device)
-    grid, args, kwargs = pass1_launch(ptrs, shape, p_dtype, g_dtype, dc, hp, cfg, num_factors,
+    grid, args, kwargs = pass1_launch(ptrs, shape, p_dtype, g_dtype, bc, hp, cfg, num_factors,
                                       partials, aligned=aligned, row_orthonormal=row_orthonormal)
     stiefel_pass1_kernel[grid](*args, **kwargs)
     # fixed order, no atomics; float64 so the error does not grow with the number of chunks
@@ -340,18 +335,17 @@ def small_step(grams: Tensor, hp: StiefelHyperparams, r_pad: int) -> tuple[Tenso
     return coef, (info != 0).sum(dtype=torch.int32)
 
 
-def pass2_launch(ptrs: Tensor, shape, p_dtype: torch.dtype, dc: Tensor, coef: Tensor,
+def pass2_launch(ptrs: Tensor, shape, p_dtype: torch.dtype, bc: Tensor, coef: Tensor,
                  hp: StiefelHyperparams, cfg: dict, num_factors: int, *,
                  aligned: bool | None = None, dot_precision: str | None = None,
                  row_orthonormal: bool | None = None):
-    """``(grid, args, kwargs)`` of one pass-2 launch (:func:`pass2`, ``bench/kernel_report.py``);
-    ``dc`` as in :func:`pass1_launch`."""
+    """``(grid, args, kwargs)`` of one pass-2 launch (:func:`pass2`, ``bench/kernel_report.py``)."""
     n, r, s_n, s_r = orientation(shape, row_orthonormal)
     wide = s_n == 1
     ld = s_r if wide else s_n
     if aligned is None:
         aligned = pointers_aligned(ptrs)
-    args = (ptrs, dc[0], dc[1], coef, num_factors, n, r, ld, cfg["rows_per_chunk"],
+    args = (ptrs, bc[0], bc[1], coef, num_factors, n, r, ld, cfg["rows_per_chunk"], hp.eps,
             4 if hp.amsgrad else 3)
     kwargs = dict(P_DT=PARAM_DTYPES[p_dtype], S_DT=tl.float32, R_PAD=cfg["R_PAD"],
                   BLOCK_N=cfg["BLOCK_N"], DOT_PREC=dot_precision or DOT_PRECISION, WIDE=wide,
@@ -361,13 +355,13 @@ def pass2_launch(ptrs: Tensor, shape, p_dtype: torch.dtype, dc: Tensor, coef: Te
     return (num_factors, cfg["num_chunks"]), args, kwargs
 
 
-def pass2(ptrs: Tensor, shape, p_dtype: torch.dtype, dc: Tensor, coef: Tensor,
+def pass2(ptrs: Tensor, shape, p_dtype: torch.dtype, bc: Tensor, coef: Tensor,
           hp: StiefelHyperparams, cfg: dict, num_factors: int, *,
           aligned: bool | None = None, row_orthonormal: bool | None = None) -> None:
     """Launch pass 2 (``aligned``, ``row_orthonormal`` as in :func:`pass1`; an empty shard
     launches nothing)."""
     if cfg["num_chunks"] == 0:
         return
-    grid, args, kwargs = pass2_launch(ptrs, shape, p_dtype, dc, coef, hp, cfg, num_factors,
+    grid, args, kwargs = pass2_launch(ptrs, shape, p_dtype, bc, coef, hp, cfg, num_factors,
                                       aligned=aligned, row_orthonormal=row_orthonormal)
     stiefel_pass2_kernel[grid](*args, **kwargs)

@@ -13,23 +13,13 @@ transpose, so both orientations are read in place.
   (:func:`_direction`) and writes ``p = X + X (C - I) + D E`` (the identity is taken out of
   ``C`` so the product only carries the small update).
 
-``D = m / (sqrt(v) * s + t)`` with ``s = bc1 / bc2``, ``t = bc1 * eps`` per factor (formed in
-float64 by the caller, :func:`stiefel_kernels.backends.direction_coefficients`, and passed as
-fp32): the literal ``(m / bc1) / (sqrt(v) / bc2 + eps)`` with one division instead of two, the
-expression of every fast backend. ``sqrt`` and the division are correctly rounded (``sqrt_rn``,
-``div_rn``); the multiply and the add are rounded separately: Triton contracts ``a * b + c``
-into an FMA by default (``enable_fp_fusion``), so compiled kernels issue ``mul.rn.f32`` and
-``add.rn.f32`` as inline PTX, which ptxas does not contract (the interpreter, which has no
-inline assembly, rounds numpy's float32 operations separately anyway).
-
 ``DOT_PREC`` (``"ieee"`` by default: fp32 FMA) selects the precision of the ``G``, ``H`` and
 pass-2 products; ``"tf32x3"`` (three TF32 tensor-core products, about fp32 accurate) is the
 faster option to measure on a GPU. ``K`` is always ``"ieee"``.
 
 Pointer arrays ``ptrs`` have shape ``(5, F)``: rows are param, grad, exp_avg, exp_avg_sq,
 max_exp_avg_sq (the last row is unused without AMSGrad). Hyper-parameters and the per-factor
-coefficients ``s, t`` of ``D`` are runtime values (no recompilation when ``lr`` or the step
-changes).
+bias corrections are runtime values (no recompilation when ``lr`` or the step changes).
 
 Specializations (what is compiled separately): the dtypes, ``R_PAD`` / ``BLOCK_N``, ``DOT_PREC``,
 the orientation ``WIDE`` (the unit stride is a literal, so it is known to the compiler) and
@@ -49,32 +39,15 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton import knobs
 
 __all__ = ["stiefel_pass1_kernel", "stiefel_pass2_kernel"]
 
-#: whether these kernels run under the interpreter (fixed when ``triton.jit`` wraps them, at
-#: import, from the same knob): it has no inline assembly, and no FMA contraction to avoid
-_INTERPRETED: tl.constexpr = tl.constexpr(bool(knobs.runtime.interpret))
-
 
 @triton.jit
-def _mul_add_rn(a, s, t):
-    """``a * s + t`` for fp32 with two roundings (not contracted into an FMA)."""
-    if _INTERPRETED:
-        return a * s + t
-    else:
-        return tl.inline_asm_elementwise(
-            "{\n.reg .f32 p;\nmul.rn.f32 p, $1, $2;\nadd.rn.f32 $0, p, $3;\n}", "=r,r,r,r",
-            [a, s, t], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _direction(m, v, s, t):
-    """``D = m / (sqrt(v) * s + t)`` (``s = bc1 / bc2``, ``t = bc1 * eps``): correctly rounded
-    sqrt and division, the multiply and the add rounded separately (the native CPU passes' and
-    the torch backend's expression, in the same order)."""
-    return tl.div_rn(m, _mul_add_rn(tl.sqrt_rn(v), s, t))
+def _direction(m, v, bc1, bc2_sqrt, eps):
+    """``D = (m / bc1) / (sqrt(v) / bc2_sqrt + eps)`` with correctly rounded sqrt and division
+    (the same expression, in the same order, as the reference backend)."""
+    return tl.div_rn(tl.div_rn(m, bc1), tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
 
 
 @triton.jit
@@ -129,9 +102,9 @@ def _offsets(rows, cols, ld, WIDE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["F", "n", "r", "ld", "rows_per_chunk", "amsgrad"])
 def stiefel_pass1_kernel(
-    ptrs, s_ptr, t_ptr, partials_ptr,
+    ptrs, bc1_ptr, bc2_ptr, partials_ptr,
     F, n, r, ld, rows_per_chunk,
-    beta1_c, beta2, beta2_c, grad_sign, amsgrad,
+    beta1_c, beta2, beta2_c, eps, grad_sign, amsgrad,
     P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr = "ieee",
     WIDE: tl.constexpr = False, ALIGNED: tl.constexpr = 0,
@@ -139,7 +112,6 @@ def stiefel_pass1_kernel(
     """Grid ``(F, num_chunks)``: program ``(f, c)`` owns rows ``[c * rows_per_chunk, ...)`` of
     factor ``f``. ``beta1_c = 1 - beta1``, ``beta2_c = 1 - beta2``; ``grad_sign`` is ``-1.0``
     for ``maximize`` (else ``1.0``); ``amsgrad`` (0 / 1) turns on the ``max_exp_avg_sq`` stream.
-    ``s_ptr``, ``t_ptr``: per factor ``s = bc1 / bc2`` and ``t = bc1 * eps`` (fp32) of ``D``.
     ``K`` is always accumulated with ``input_precision="ieee"``; ``DOT_PREC`` applies to ``G``
     and ``H``."""
     f = tl.program_id(0)
@@ -150,6 +122,8 @@ def stiefel_pass1_kernel(
     m_ptr = _factor_pointer(ptrs, 2, f, F, S_DT, ALIGNED)
     v_ptr = _factor_pointer(ptrs, 3, f, F, S_DT, ALIGNED)
     vmax_ptr = _factor_pointer(ptrs, 4, f, F, S_DT, ALIGNED)
+    bc1 = tl.load(bc1_ptr + f)
+    bc2_sqrt = tl.load(bc2_ptr + f)
     n, r, ld, rows_per_chunk = _sizes(n, r, ld, rows_per_chunk, BLOCK_N, WIDE, ALIGNED)
 
     cols = tl.arange(0, R_PAD).to(tl.int64)
@@ -176,9 +150,7 @@ def stiefel_pass1_kernel(
         vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=max_mask, other=0.0), v)
         tl.store(vmax_ptr + offs, vmax, mask=max_mask)
         v = tl.where(max_mask, vmax, v)
-        # s, t read here rather than once before the loop: kept live across it they cost the
-        # R_PAD = 64 wide tf32x3 kernel 24 bytes of spills (bench/kernel_report.py)
-        d = tl.where(mask, _direction(m, v, tl.load(s_ptr + f), tl.load(t_ptr + f)), 0.0)
+        d = tl.where(mask, _direction(m, v, bc1, bc2_sqrt, eps), 0.0)
         xt = tl.trans(x)
         acc_k += tl.dot(xt, x, input_precision="ieee")
         acc_g += tl.dot(xt, d, input_precision=DOT_PREC)
@@ -194,8 +166,8 @@ def stiefel_pass1_kernel(
 
 @triton.jit(do_not_specialize=["F", "n", "r", "ld", "rows_per_chunk", "v_row"])
 def stiefel_pass2_kernel(
-    ptrs, s_ptr, t_ptr, coef_ptr,
-    F, n, r, ld, rows_per_chunk, v_row,
+    ptrs, bc1_ptr, bc2_ptr, coef_ptr,
+    F, n, r, ld, rows_per_chunk, eps, v_row,
     P_DT: tl.constexpr, S_DT: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr = "ieee",
     WIDE: tl.constexpr = False, ALIGNED: tl.constexpr = 0,
@@ -209,8 +181,8 @@ def stiefel_pass2_kernel(
     p_ptr = _factor_pointer(ptrs, 0, f, F, P_DT, ALIGNED)
     m_ptr = _factor_pointer(ptrs, 2, f, F, S_DT, ALIGNED)
     v_ptr = _factor_pointer(ptrs, v_row, f, F, S_DT, ALIGNED)
-    s = tl.load(s_ptr + f)
-    t = tl.load(t_ptr + f)
+    bc1 = tl.load(bc1_ptr + f)
+    bc2_sqrt = tl.load(bc2_ptr + f)
     n, r, ld, rows_per_chunk = _sizes(n, r, ld, rows_per_chunk, BLOCK_N, WIDE, ALIGNED)
 
     rr = tl.arange(0, R_PAD)
@@ -230,6 +202,6 @@ def stiefel_pass2_kernel(
         x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        d = tl.where(mask, _direction(m, v, s, t), 0.0)
+        d = tl.where(mask, _direction(m, v, bc1, bc2_sqrt, eps), 0.0)
         y = x + (tl.dot(x, c_m, input_precision=DOT_PREC) + tl.dot(d, e, input_precision=DOT_PREC))
         tl.store(p_ptr + offs, _round_to(y, P_DT), mask=mask)
