@@ -95,6 +95,8 @@ def unsupported_reason(*tensor_lists: Sequence[Tensor], row_orthonormal: bool | 
         return f"dtype {p0.dtype}"
     if any(t.device.type != "cpu" for t in tensors):
         return "not a CPU tensor"
+    if all(map(Tensor.is_contiguous, tensors)):  # the usual case, in one C-level pass: every
+        return None  # tensor has unit stride along its last dim, the same axis for all
     rows = is_row_orthonormal(p0.shape) if row_orthonormal is None else row_orthonormal
     common = {"n", "r"}
     for t in tensors:

@@ -60,3 +60,24 @@ def test_working_dtype_is_the_one_rule():
         assert working_dtype(dt) == want and working_dtype(torch.zeros(1, dtype=dt)) == want
     assert backends.state_dtype is _buckets.working_dtype
     assert riemannian.working_dtype is _buckets.working_dtype
+
+
+def test_advance_steps_on_runs_of_one_buffer():
+    """``advance_steps`` adds one to exactly the counters it is given, whether they are a run of
+    consecutive elements of one buffer (one add on the slice, whose values it returns), the
+    whole buffer, or anything else (a per-counter add)."""
+    from stiefel_kernels.backends import advance_steps
+
+    buf = torch.arange(6, dtype=torch.float32)
+    views = [buf[i] for i in range(6)]
+    out = advance_steps(views[1:4])  # a bucket: a slice of the group's buffer
+    assert out.tolist() == [2.0, 3.0, 4.0]
+    assert buf.tolist() == [0.0, 2.0, 3.0, 4.0, 4.0, 5.0]
+    assert advance_steps(views).tolist() == [1.0, 3.0, 4.0, 5.0, 5.0, 6.0]
+    out = advance_steps([views[0], views[2], views[5]])  # not consecutive
+    assert out.tolist() == [2.0, 5.0, 7.0]
+    assert buf.tolist() == [2.0, 3.0, 5.0, 5.0, 5.0, 7.0]
+    out = advance_steps([views[3], views[2]])  # consecutive, but in the other order
+    assert out.tolist() == [6.0, 6.0] and buf.tolist() == [2.0, 3.0, 6.0, 6.0, 5.0, 7.0]
+    own = [torch.tensor(1.0), torch.tensor(7.0)]
+    assert advance_steps(own).tolist() == [2.0, 8.0] and [t.item() for t in own] == [2.0, 8.0]

@@ -221,17 +221,21 @@ def gram_orthogonality_error(k: Tensor) -> Tensor | None:
 def advance_steps(state_steps: list[Tensor]) -> Tensor:
     """Add one to every step counter; returns the counters as one ``(F,)`` tensor.
 
-    Counters that are, in order, the elements of one 1-D buffer (``StiefelAdamW`` creates the
-    counters of factors that start together so) take one in-place add on the buffer, which is
-    also the result; any others take ``torch._foreach_add_`` and a ``stack`` (a loop of ``F``
+    Counters that are, in order, consecutive elements of one 1-D buffer (``StiefelAdamW``
+    creates the counters of factors that start together so; a bucket of them is a slice) take
+    one in-place add on that slice, which is also the result; any others take ``torch._foreach_add_`` and a ``stack`` (a loop of ``F``
     adds on the CPU, two launches on a GPU)."""
     base = state_steps[0]._base
     if (base is not None and not torch.compiler.is_compiling() and base.dim() == 1
-            and base.numel() == len(state_steps) and base.is_contiguous()
-            and all(s._base is base for s in state_steps)
-            and tuple(map(Tensor.storage_offset, state_steps)) == tuple(range(len(state_steps)))):
-        base.add_(1)
-        return base
+            and base.is_contiguous() and all(s._base is base for s in state_steps)):
+        # a run of consecutive elements (a bucket of factors that started together is a slice
+        # of their group's buffer)
+        first = state_steps[0].storage_offset() - base.storage_offset()
+        run = base[first:first + len(state_steps)]
+        if (run.numel() == len(state_steps) and tuple(map(Tensor.storage_offset, state_steps))
+                == tuple(range(run.storage_offset(), run.storage_offset() + len(state_steps)))):
+            run.add_(1)
+            return run
     torch._foreach_add_(state_steps, 1)
     return torch.stack(state_steps)
 
