@@ -13,9 +13,11 @@
 //   S = Z c^(-1/2) from the coupled Newton-Schulz iteration on M / c
 //   (smallmat.newton_schulz_inv_sqrt), as many steps as gram.correction_iters_for gives for
 //   this factor's drift.
-// One difference: the torch formulation on the CPU takes the correction's step count from the
+// Differences: the torch formulation on the CPU takes the correction's step count from the
 // largest drift of the batch, this kernel from each factor's own (both reach the dtype's
-// rounding target; the tests compare the two at the tolerance policy's bounds).
+// rounding target), and this kernel sums tr((M_1 N)^2) and ||M - I||_F^2 in float64; the tests
+// compare the two at the tolerance policy's bounds. The step-count table below mirrors
+// gram._CORRECTION_STEPS (tests/test_cayley_fp_step.py compares them).
 //
 // Why: on the CPU the torch formulation spends about as long in ~40 element-wise ops and their
 // allocations over (F, r, r) temporaries as in its products, and the temporaries (2.4 MB each
@@ -131,7 +133,10 @@ SB_INLINE void factor_step(const S* k_in, const S* g_in, const S* h_in, int64_t 
             2.0 * static_cast<double>(P12[i * r + j]) * K[j * r + i] +
             static_cast<double>(G[i * r + j]) * G[j * r + i];
   const S w_norm = static_cast<S>(std::sqrt(std::max(-tr, 0.0)));
-  const S step = std::min(lr, S(1) / std::max(w_norm, std::numeric_limits<S>::min()));
+  // a NaN anywhere in the blocks makes the step NaN, as torch's clamp_min / minimum do (std::max
+  // and std::min would drop it)
+  const S step = std::isnan(tr) ? std::numeric_limits<S>::quiet_NaN()
+                                : std::min(lr, S(1) / std::max(w_norm, std::numeric_limits<S>::min()));
   const S half = S(0.5) * step;
   // iteration 1 from U = [2I + step sg; -step I]
   mm(T1, P11, sg, r, w);

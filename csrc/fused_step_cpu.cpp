@@ -908,7 +908,10 @@ at::Tensor run_pass1(const Bucket& bk, const at::Tensor& bc, double beta1, doubl
   if (geo.n == 0) return out.zero_();  // no rows (an empty shard): zero sums
   const int64_t nf = static_cast<int64_t>(bk.factors.size());
   const int64_t items = nf * geo.nchunks;
-  at::Tensor partials = at::empty({items * 3 * r * r}, opts);
+  // one chunk per factor (n <= kChunkRows): the partials are the sums, written in place (the
+  // float64 chunk sum below would give back the same bits); no buffer, no extra pass
+  const bool one_chunk = geo.nchunks == 1;
+  at::Tensor partials = one_chunk ? out : at::empty({items * 3 * r * r}, opts);
   at::Tensor bcd = bc.to(at::kDouble).contiguous();
   Pass1Ctx<S> cx{&bk, make_hyper<S>(beta1, beta2, eps, maximize), bcd.data_ptr<double>(),
                  partials.data_ptr<S>()};
@@ -926,6 +929,7 @@ at::Tensor run_pass1(const Bucket& bk, const at::Tensor& bc, double beta1, doubl
       fn(cx, begin, end, sc);
     }
   });
+  if (one_chunk) return out;
   // chunk partials added in float64 in chunk order (independent of the thread count)
   const S* part = partials.data_ptr<S>();
   S* o = out.data_ptr<S>();

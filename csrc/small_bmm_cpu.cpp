@@ -4,8 +4,9 @@
 //
 // Why a kernel of our own: torch's CPU bmm goes to MKL, which on this project's AMD (Zen-5
 // class, AVX-512) VM runs its AVX2 path: 95-114 GFLOP/s on one core where the core's AVX-512
-// FMAs reach 266 (bench/results/cpu-small-bmm-*.md). At r = 64 the step is 15 such products per
-// factor (docs/design.md, "Gram-form derivations"), the largest part of a GPT-2-shaped step.
+// FMAs reach 266 (bench/results/cpu-small-bmm-2026-11-26.md). The torch formulation of the
+// small step (gram.py: the other retractions' orthonormality correction, and cayley_fp where
+// the native cayley_fp_step is not built) runs its r x r products through this op.
 //
 // One batch item per task of at::parallel_for; the product itself (packing, register tiles, the
 // epilogue add + alpha * acc) is small_matmul.h's. Sums run over k in order, one FMA per term:
@@ -68,12 +69,10 @@ at::Tensor small_bmm_cpu(const at::Tensor& a, const at::Tensor& b, const std::op
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "stiefel_kernels::small_bmm: CPU tensors expected");
   if (add) {
     TORCH_CHECK(add->dim() == 3 && add->size(0) == a.size(0) && add->size(1) == a.size(1) &&
-                    add->size(2) == b.size(2),
+                    add->size(2) == b.size(2) && add->scalar_type() == a.scalar_type(),
                 "stiefel_kernels::small_bmm: add must have shape (", a.size(0), ", ", a.size(1), ", ",
-                b.size(2), "), got ", add->sizes());
-    TORCH_CHECK(add->scalar_type() == a.scalar_type() && add->device().is_cpu(),
-                "stiefel_kernels::small_bmm: add must be a CPU tensor of the operands' dtype, got ",
-                add->scalar_type(), " on ", add->device());
+                b.size(2), ") and dtype ", a.scalar_type(), ", got ", add->sizes(), ", ", add->scalar_type());
+    TORCH_CHECK(add->device().is_cpu(), "stiefel_kernels::small_bmm: CPU tensors expected");
   }
   at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
   if (out.numel() == 0) return out;

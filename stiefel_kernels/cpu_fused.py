@@ -33,7 +33,8 @@ Numerics (what the tests check):
 
 Neither op allocates memory proportional to the parameters: per thread a scratch of a few
 sub-blocks (``8192`` elements each) and ``r x r`` accumulators; pass 1 allocates its output and
-the chunk partials (``F * ceil(n / 4096) * 3 r^2`` elements).
+the chunk partials (``F * ceil(n / 4096) * 3 r^2`` elements; none where ``n <= 4096``:
+the one partial of each factor is then written into the output).
 """
 from __future__ import annotations
 

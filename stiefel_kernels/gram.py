@@ -177,7 +177,7 @@ def retraction_coefficients(
     lr = _lr_tensor(lr, k)
     if retraction == "cayley_fp" and cayley_iters >= 1:
         batch = k.shape[:-2]
-        lr3 = lr.expand(*batch, 1, 1).reshape(-1, 1, 1) if lr.numel() > 1 else lr.reshape(1, 1, 1)
+        lr3 = lr.reshape(1, 1, 1) if lr.numel() == 1 else lr.expand(*batch, 1, 1).reshape(-1, 1, 1)
         c, e = _cayley_fp_coefficients(k.reshape(-1, r, r), g.reshape(-1, r, r),
                                        h.reshape(-1, r, r), lr3, cayley_iters)
         info = torch.zeros(batch, dtype=torch.int32, device=k.device)
@@ -353,8 +353,8 @@ def correction_iters_for(drift: float, dtype: torch.dtype = torch.float64) -> in
     three, from ``0.1`` four; in float32 one step suffices up to ``3e-5`` (the drift a float32
     step measures at ``r = 64`` is ``~5e-6``, its rounding), and it takes no product (the first
     step's are with the identity). Beyond the table: :data:`CORRECTION_ITERS`. Where the drift
-    is known on the host for free (CPU) the correction takes only these; elsewhere it runs all
-    of them."""
+    is known on the host for free (CPU) the correction takes only these (the native CPU
+    ``cayley_fp_step``: per factor, from a copy of this table); elsewhere it runs all of them."""
     table = _CORRECTION_STEPS[torch.float64 if dtype == torch.float64 else torch.float32]
     for bound, steps in table:
         if drift <= bound:
@@ -442,7 +442,7 @@ def step_coefficients(
         r = k.shape[-1]
         batch = k.shape[:-2]
         lr_t = _lr_tensor(lr, k)
-        lr_t = lr_t.expand(*batch, 1, 1).reshape(-1) if lr_t.numel() > 1 else lr_t.reshape(1)
+        lr_t = lr_t.reshape(1) if lr_t.numel() == 1 else lr_t.expand(*batch, 1, 1).reshape(-1)
         c, e = torch.ops.stiefel_kernels.cayley_fp_step(
             k.reshape(-1, r, r), g.reshape(-1, r, r), h.reshape(-1, r, r), lr_t, cayley_iters,
             float(tol))

@@ -276,10 +276,12 @@ _FUSED_LIB = _register("FRAGMENT", FUSED_OPS, _FUSED_SCHEMAS, _FUSED_DEFAULTS, _
 # ============================================================================= small batched products
 # ``small_bmm(a, b, add, alpha) -> add + alpha * (a @ b)`` for ``a`` ``(B, m, k)``, ``b``
 # ``(B, k, n)``, ``add`` ``(B, m, n)`` or None; float32/float64; any strides. The ``r x r``
-# products of the retraction's small step (``stiefel_kernels.smallmat.bmm``). The default kernel
-# is torch's ``baddbmm``; the CPU kernel (csrc/small_bmm_cpu.cpp) exists because torch's CPU
-# bmm (MKL) runs at less than half of an AVX-512 core's FMA rate on the AMD CPUs it was measured
-# on. Results agree to rounding (one FMA per term, summed over k in order), not bit for bit.
+# products of the retraction's small step (``stiefel_kernels.smallmat.bmm``: the torch
+# formulation of ``cayley_fp``'s step, and the other retractions' correction). The default
+# kernel is torch's ``baddbmm``; the CPU kernel (csrc/small_bmm_cpu.cpp) exists because torch's
+# CPU bmm (MKL) runs at less than half of an AVX-512 core's FMA rate on the AMD CPU it was
+# measured on (bench/results/cpu-small-bmm-2026-11-26.md). Results agree to rounding (one FMA
+# per term, summed over k in order), not bit for bit.
 
 #: the small-product operator, ``torch.ops.stiefel_kernels.small_bmm``
 SMALL_BMM_OPS = ("small_bmm",)
@@ -349,7 +351,7 @@ def _cayley_fp_step_default(k: Tensor, g: Tensor, h: Tensor, lr: Tensor, iters: 
     from .gram import _step_coefficients_torch  # noqa: PLC0415  (gram imports this module)
 
     _check_cayley_fp_step(k, g, h, lr, iters)
-    lr = lr.reshape(-1, 1, 1) if lr.numel() > 1 else lr.reshape(())
+    lr = lr.reshape(()) if lr.numel() == 1 else lr.reshape(-1, 1, 1)
     c, e, _ = _step_coefficients_torch(k, g, h, lr, "cayley_fp", tol=tol, cayley_iters=iters)
     return c.contiguous(), e.contiguous()
 

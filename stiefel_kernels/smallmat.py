@@ -15,6 +15,8 @@ uses it).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -33,13 +35,21 @@ def bmm(a: Tensor, b: Tensor, add: Tensor | None = None, alpha: float = 1.0) -> 
     The operator ``torch.ops.stiefel_kernels.small_bmm``: on the CPU with the native extension,
     its AVX-512 kernel (``csrc/small_bmm_cpu.cpp``: ~1.9x torch's MKL bmm at ``r = 64`` on the
     AMD CPU it was measured on); elsewhere ``torch.baddbmm``. The two agree to rounding, not bit
-    for bit; the native kernel gives the same bits at any thread count.
+    for bit; the native kernel gives the same bits at any thread count. Other dtypes, and
+    operands that need gradients, take ``a @ b`` (the op has no autograd formula).
     """
+    if (a.dtype not in (torch.float32, torch.float64) or torch.is_grad_enabled()
+            and (a.requires_grad or b.requires_grad or (add is not None and add.requires_grad))):
+        # the op has float32/float64 kernels and no autograd formula: torch for anything else
+        prod = a @ b
+        prod = prod if alpha == 1.0 else prod * alpha
+        return prod if add is None else add + prod
     batch = a.shape[:-2]
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-    a3 = a.reshape(-1, m, k)
-    b3 = b.reshape(-1, k, n)
-    d3 = None if add is None else add.reshape(-1, m, n)
+    count = math.prod(batch)
+    a3 = a.reshape(count, m, k)
+    b3 = b.reshape(count, k, n)
+    d3 = None if add is None else add.reshape(count, m, n)
     return torch.ops.stiefel_kernels.small_bmm(a3, b3, d3, float(alpha)).reshape(*batch, m, n)
 
 

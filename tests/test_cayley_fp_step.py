@@ -159,3 +159,66 @@ def test_default_kernel_is_the_torch_formulation(gen):
     c, e = ops._cayley_fp_step_default(k, g, h, torch.tensor([0.1], dtype=F64), 2, 1e-10)
     want_c, want_e, _ = gram._step_coefficients_torch(k, g, h, 0.1, "cayley_fp", tol=1e-10)
     assert torch.equal(c, want_c) and torch.equal(e, want_e)
+
+
+def test_nan_only_in_h_gives_what_the_torch_formulation_gives(gen):
+    """A NaN in ``H`` alone: the step size is NaN (torch's clamp_min / minimum keep it), so both
+    formulations give non-finite coefficients for that factor."""
+    k, g, h = grams(gen, (2,), 30, 4, torch.float32, drifts=[0.0])
+    h[0, 1, 2] = float("nan")
+    for iters in (1, 2):
+        c, e = native(k, g, h, 1e-2, iters, 1e-6)
+        want_c, want_e, _ = gram._step_coefficients_torch(k, g, h, 1e-2, "cayley_fp", tol=1e-6,
+                                                         cayley_iters=iters)
+        assert torch.equal(torch.isfinite(c), torch.isfinite(want_c))
+        assert torch.equal(torch.isfinite(e), torch.isfinite(want_e))
+        assert not torch.isfinite(e[0]).all() and torch.isfinite(e[1]).all()
+
+
+def test_per_factor_lr_through_step_coefficients_with_batch_dims(gen):
+    """A per-factor ``lr`` tensor of a ``(2, 3)`` stack, through ``step_coefficients`` (native)
+    and ``retraction_coefficients`` (torch), factor by factor against scalar ``lr``; and an empty
+    stack with a per-factor ``lr`` of no elements."""
+    k, g, h = grams(gen, (2, 3), 40, 5, F64, drifts=[0.0, 1e-3])
+    lr = torch.tensor([[1e-3, 0.1, 2.0], [0.5, 0.0, 30.0]], dtype=F64)[..., None, None]
+    c, e, _ = gram.step_coefficients(k, g, h, lr, "cayley_fp", tol=1e-10)
+    c1, e1, _ = gram.retraction_coefficients(k, g, h, lr, "cayley_fp")
+    for i in range(2):
+        for j in range(3):
+            one = (k[i, j], g[i, j], h[i, j])
+            wc, we, _ = gram._step_coefficients_torch(*one, float(lr[i, j]), "cayley_fp", tol=1e-10)
+            assert rel(c[i, j], wc) < 1e-10 and rel(e[i, j], we) < 1e-10
+            wc, we, _ = gram.retraction_coefficients(*one, float(lr[i, j]), "cayley_fp")
+            assert rel(c1[i, j], wc) < 1e-10 and rel(e1[i, j], we) < 1e-10
+    z = torch.zeros(0, 4, 4)
+    for fn in (gram.step_coefficients, gram._step_coefficients_torch):
+        c, e, info = fn(z, z, z, torch.zeros(0, 1, 1), "cayley_fp", tol=1e-6)
+        assert c.shape == e.shape == (0, 4, 4) and info.shape == (0,)
+
+
+def test_native_correction_table_mirrors_gram():
+    """csrc/cayley_step_cpu.cpp repeats gram._CORRECTION_STEPS and CORRECTION_ITERS (the kernel
+    cannot import them); the two must say the same."""
+    import pathlib
+    import re
+
+    src = (pathlib.Path(__file__).parents[1] / "csrc" / "cayley_step_cpu.cpp").read_text()
+
+    def array(name):
+        body = re.search(rf"{name}\[\] = \{{([^}}]*)\}}", src).group(1)
+        return [float(x) for x in body.split(",")]
+
+    for dtype, suffix in ((F64, "64"), (torch.float32, "32")):
+        table = gram._CORRECTION_STEPS[dtype]
+        assert array(f"kBound{suffix}") == [b for b, _ in table]
+        assert array(f"kSteps{suffix}") == [s for _, s in table]
+    assert re.search(r"return (\d+);  // gram.CORRECTION_ITERS", src).group(1) == str(gram.CORRECTION_ITERS)
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, F64):
+        k, g, h = grams(gen, (3,), 20, 4, dtype, drifts=[0.0, 1e-3])
+        torch.library.opcheck(OPS.cayley_fp_step.default, (k, g, h, torch.tensor([1e-2]), 2, 1e-6))
+        torch.library.opcheck(OPS.cayley_fp_step.default,
+                              (k, g, h, torch.tensor([1e-2, 0.1, 1.0], dtype=F64), 1, 1e-6))

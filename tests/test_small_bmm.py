@@ -130,3 +130,35 @@ def test_fake_kernel_gives_the_shape():
     with FakeTensorMode():
         out = OPS.small_bmm(torch.empty(3, 5, 7), torch.empty(3, 7, 2), torch.empty(3, 5, 2), 1.0)
     assert out.shape == (3, 5, 2) and out.dtype == torch.float32
+
+
+def test_add_of_another_dtype_is_rejected():
+    args = (torch.zeros(2, 3, 4), torch.zeros(2, 4, 4), torch.zeros(2, 3, 4, dtype=torch.float64))
+    for fn in (OPS.small_bmm, ops._small_bmm_default):
+        with pytest.raises(RuntimeError, match="add must have shape"):
+            fn(*args, 1.0)
+
+
+def test_smallmat_bmm_falls_back_to_torch(gen):
+    """Half dtypes (no kernel of the op), operands that need gradients (the op has no autograd
+    formula) and zero-size matrices go through torch."""
+    a = torch.randn(3, 5, 4, generator=gen)
+    b = torch.randn(3, 4, 6, generator=gen)
+    got = smallmat.bmm(a.bfloat16(), b.bfloat16(), alpha=2.0)
+    assert got.dtype == torch.bfloat16 and rel(got, 2.0 * (a.bfloat16().double() @ b.bfloat16().double())) < 1e-2
+    a.requires_grad_(True)
+    out = smallmat.bmm(a, b, torch.ones(3, 5, 6))
+    out.sum().backward()
+    assert torch.allclose(a.grad, torch.ones(3, 5, 6) @ b.mT)
+    assert smallmat.bmm(torch.zeros(2, 0, 4), torch.zeros(2, 4, 3)).shape == (2, 0, 3)
+    assert torch.equal(smallmat.bmm(torch.zeros(2, 3, 0), torch.zeros(2, 0, 5)), torch.zeros(2, 3, 5))
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        a = torch.randn(3, 5, 4, generator=gen, dtype=dtype)
+        b = torch.randn(3, 4, 6, generator=gen, dtype=dtype)
+        d = torch.randn(3, 5, 6, generator=gen, dtype=dtype)
+        torch.library.opcheck(OPS.small_bmm.default, (a, b, d, 0.5))
+        torch.library.opcheck(OPS.small_bmm.default, (a, b, None, 1.0))
