@@ -1,5 +1,6 @@
 // The Python extension module stiefel_kernels._C. Importing it runs the static registration of
-// the CPU kernels (ops_cpu.cpp) for the ops whose schemas and default kernels
+// the CPU kernels (ops_cpu.cpp; fused_step_cpu.cpp, small_bmm_cpu.cpp and cayley_step_cpu.cpp
+// for the CPU-only ops) for the ops whose schemas and default kernels
 // stiefel_kernels/ops.py defines (imported first, by stiefel_kernels._native); the CUDA kernels
 // are registered by enable_cuda_kernels(). The argument checks every kernel shares are in
 // op_checks.cpp.
@@ -26,7 +27,11 @@ PYBIND11_MODULE(_C, mod) {
       "(..., k, k): hand-written, computed in float64; when built with CUDA,\n"
       "enable_cuda_kernels() adds the CUDA kernels. info is int32 of the batch shape:\n"
       "0 = ok; >0 = factorization failed (see each op); -1 = non-finite input;\n"
-      "-2 = no convergence. Entries whose info is nonzero are filled with NaN.";
+      "-2 = no convergence. Entries whose info is nonzero are filled with NaN.\n\n"
+      "CPU kernels only (no CUDA kernel; the default kernels of ops.py run elsewhere):\n"
+      "  torch.ops.stiefel_kernels.small_bmm(a, b, add, alpha) -> add + alpha * (a @ b)\n"
+      "  torch.ops.stiefel_kernels.cayley_fp_step(k, g, h, lr, iters, tol) -> (C, E)\n"
+      "  torch.ops.stiefel_kernels.stiefel_adamw_pass1 / stiefel_adamw_pass2 (the fused passes)";
   mod.attr("with_cuda") = pybind11::bool_(STIEFEL_WITH_CUDA != 0);
   mod.def(
       "enable_cuda_kernels",

@@ -79,5 +79,7 @@ def test_advance_steps_on_runs_of_one_buffer():
     assert buf.tolist() == [2.0, 3.0, 5.0, 5.0, 5.0, 7.0]
     out = advance_steps([views[3], views[2]])  # consecutive, but in the other order
     assert out.tolist() == [6.0, 6.0] and buf.tolist() == [2.0, 3.0, 6.0, 6.0, 5.0, 7.0]
+    out = advance_steps([views[5], views[1], views[5]])  # a counter given twice: added twice
+    assert out.tolist() == [9.0, 4.0, 9.0] and buf.tolist() == [2.0, 4.0, 6.0, 6.0, 5.0, 9.0]
     own = [torch.tensor(1.0), torch.tensor(7.0)]
     assert advance_steps(own).tolist() == [2.0, 8.0] and [t.item() for t in own] == [2.0, 8.0]

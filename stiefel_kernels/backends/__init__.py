@@ -223,7 +223,8 @@ def advance_steps(state_steps: list[Tensor]) -> Tensor:
 
     Counters that are, in order, consecutive elements of one 1-D buffer (``StiefelAdamW``
     creates the counters of factors that start together so; a bucket of them is a slice) take
-    one in-place add on that slice, which is also the result; any others take ``torch._foreach_add_`` and a ``stack`` (a loop of ``F``
+    one in-place add on that slice, which is also the result (on the CPU, scattered elements of
+    one buffer take one indexed add and a gather); any others take ``torch._foreach_add_`` and a ``stack`` (a loop of ``F``
     adds on the CPU, two launches on a GPU)."""
     base = state_steps[0]._base
     if (base is not None and not torch.compiler.is_compiling() and base.dim() == 1
@@ -232,10 +233,16 @@ def advance_steps(state_steps: list[Tensor]) -> Tensor:
         # of their group's buffer)
         first = state_steps[0].storage_offset() - base.storage_offset()
         run = base[first:first + len(state_steps)]
-        if (run.numel() == len(state_steps) and tuple(map(Tensor.storage_offset, state_steps))
-                == tuple(range(run.storage_offset(), run.storage_offset() + len(state_steps)))):
+        offsets = tuple(map(Tensor.storage_offset, state_steps))
+        if (run.numel() == len(state_steps)
+                and offsets == tuple(range(run.storage_offset(), run.storage_offset() + len(state_steps)))):
             run.add_(1)
             return run
+        if base.device.type == "cpu":  # scattered over the buffer (buckets of interleaved
+            # shapes): one indexed add and one gather instead of F adds and a stack
+            index = torch.tensor(offsets, dtype=torch.long) - base.storage_offset()
+            base.index_add_(0, index, torch.ones(len(offsets), dtype=base.dtype))
+            return base.index_select(0, index)
     torch._foreach_add_(state_steps, 1)
     return torch.stack(state_steps)
 
