@@ -75,20 +75,20 @@ struct Work {
 
 // out = add + alpha * (a @ b), all r x r; at: a is read transposed
 template <typename S>
-SB_INLINE void mm(S* out, const S* a, const S* b, int64_t r, Work<S>& w, const S* add = nullptr,
+SK_INLINE void mm(S* out, const S* a, const S* b, int64_t r, Work<S>& w, const S* add = nullptr,
                   S alpha = S(1), bool at = false) {
   Item<S> it{a, at ? 1 : r, at ? r : 1, b, r, 1, add, r, 1, out, r, r, r, alpha};
   small_matmul::matmul(it, w.pack);
 }
 
 template <typename S>
-SB_INLINE void add_diag(S* m, int64_t r, S v) {
+SK_INLINE void add_diag(S* m, int64_t r, S v) {
   for (int64_t i = 0; i < r; ++i) m[i * r + i] += v;
 }
 
 // one factor: k, g, h read through (rs, cs); c, e written contiguous
 template <typename S>
-SB_INLINE void factor_step(const S* k_in, const S* g_in, const S* h_in, int64_t rs, int64_t cs, S lr,
+SK_INLINE void factor_step(const S* k_in, const S* g_in, const S* h_in, int64_t rs, int64_t cs, S lr,
                            int64_t iters, double tol, int64_t r, S* c_out, S* e_out, Work<S>& w) {
   const int64_t rr = r * r;
   S* K = w.m(0);
@@ -228,7 +228,7 @@ struct Args {
 };
 
 template <typename S>
-SB_INLINE void run_range(const Args& a, int64_t begin, int64_t end) {
+SK_INLINE void run_range(const Args& a, int64_t begin, int64_t end) {
   Work<S> w;
   w.size_for(a.r);
   const S* k = static_cast<const S*>(a.k);
@@ -244,8 +244,8 @@ SB_INLINE void run_range(const Args& a, int64_t begin, int64_t end) {
   }
 }
 
-SB_CLONES void range_f32(const Args& a, int64_t begin, int64_t end) { run_range<float>(a, begin, end); }
-SB_CLONES void range_f64(const Args& a, int64_t begin, int64_t end) { run_range<double>(a, begin, end); }
+SK_CLONES void range_f32(const Args& a, int64_t begin, int64_t end) { run_range<float>(a, begin, end); }
+SK_CLONES void range_f64(const Args& a, int64_t begin, int64_t end) { run_range<double>(a, begin, end); }
 
 std::tuple<at::Tensor, at::Tensor> cayley_fp_step_cpu(const at::Tensor& k, const at::Tensor& g,
                                                       const at::Tensor& h, const at::Tensor& lr,

@@ -36,7 +36,7 @@
 // depend on the thread count (gram.gram_pass's accuracy contract). K and H are symmetric: only
 // their upper tiles are computed, the lower triangle is mirrored.
 //
-// Vectorization: GCC vector extensions of 64 bytes in functions compiled three times
+// Vectorization (cpu_vec.h): GCC vector extensions of 64 bytes in functions compiled three times
 // (x86-64-v4 / v3 / baseline, picked at load time: target_clones), like ops_cpu.cpp. at::vec is
 // not used: in an extension compiled without torch's per-capability flags it is the generic
 // array implementation, and its fmadd does not say whether it fuses, which the bit-exact moment
@@ -56,11 +56,7 @@
 #include <cstring>
 #include <vector>
 
-// The 64-byte vector types below only live inside always-inlined helpers of the cloned
-// functions (no ABI boundary), so GCC's note on their calling convention does not apply.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
+#include "cpu_vec.h"
 
 namespace stiefel_kernels {
 namespace {
@@ -79,40 +75,6 @@ constexpr int64_t kWideScratchElems = 4096;
 constexpr int64_t kTallRowsPerSlice = 16;
 constexpr int64_t kApplyRowsPerSlice = 4;
 constexpr int64_t kWideVecsPerSlice = 8;
-
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
-    !defined(STIEFEL_NO_TARGET_CLONES)
-#define SK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SK_CLONES
-#endif
-#define SK_INLINE C10_ALWAYS_INLINE
-
-template <typename S>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float T __attribute__((vector_size(64)));
-  static constexpr int W = 16;
-};
-template <>
-struct VecOf<double> {
-  typedef double T __attribute__((vector_size(64)));
-  static constexpr int W = 8;
-};
-template <typename S>
-using vec = typename VecOf<S>::T;
-
-template <typename S>
-SK_INLINE vec<S> vload(const S* p) {
-  vec<S> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename S>
-SK_INLINE void vstore(S* p, const vec<S>& v) {
-  std::memcpy(p, &v, sizeof(v));
-}
 
 // even/odd lanes of the concatenation (a, b), added: lane l < W/2 holds a[2l] + a[2l+1], lane
 // W/2 + l holds b[2l] + b[2l+1].

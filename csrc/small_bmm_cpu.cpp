@@ -29,10 +29,10 @@ namespace {
 
 using small_matmul::Item;
 
-SB_CLONES void item_f32(const Item<float>& it, std::vector<float>& scratch) { small_matmul::matmul(it, scratch); }
-SB_CLONES void item_f64(const Item<double>& it, std::vector<double>& scratch) { small_matmul::matmul(it, scratch); }
-SB_INLINE void run_item(const Item<float>& it, std::vector<float>& s) { item_f32(it, s); }
-SB_INLINE void run_item(const Item<double>& it, std::vector<double>& s) { item_f64(it, s); }
+SK_CLONES void item_f32(const Item<float>& it, std::vector<float>& scratch) { small_matmul::matmul(it, scratch); }
+SK_CLONES void item_f64(const Item<double>& it, std::vector<double>& scratch) { small_matmul::matmul(it, scratch); }
+SK_INLINE void run_item(const Item<float>& it, std::vector<float>& s) { item_f32(it, s); }
+SK_INLINE void run_item(const Item<double>& it, std::vector<double>& s) { item_f64(it, s); }
 
 template <typename S>
 void run(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& add, double alpha,

@@ -7,43 +7,17 @@
 // width) so every load is a whole vector; register tiles of 4 rows x up to 4 vectors (16
 // accumulators; per k: 4 broadcasts of A, 4 loads of B, 16 FMAs); sums run over k in order,
 // one FMA per term. Everything here is always inlined into the callers' functions, which are
-// compiled for x86-64-v4 / v3 / baseline (target_clones), so the vectors are as wide as the
-// clone's ISA allows. GCC vector extensions of 64 bytes, as in fused_step_cpu.cpp.
+// cloned per ISA (cpu_vec.h), so the vectors are as wide as the clone's ISA allows.
 #pragma once
 
-#include <c10/macros/Macros.h>
+#include "cpu_vec.h"
 
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
-    !defined(STIEFEL_NO_TARGET_CLONES)
-#define SB_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SB_CLONES
-#endif
-#define SB_INLINE C10_ALWAYS_INLINE
-
 namespace stiefel_kernels {
 namespace small_matmul {
-
-template <typename S>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float T __attribute__((vector_size(64)));
-  static constexpr int W = 16;
-};
-template <>
-struct Vec<double> {
-  typedef double T __attribute__((vector_size(64)));
-  static constexpr int W = 8;
-};
 
 template <typename S>
 struct Item {
@@ -60,9 +34,9 @@ struct Item {
 
 // rows [i0, i0 + MR) x vectors [j0, j0 + NV W) of acc = A @ Bp, then out = add + alpha * acc
 template <typename S, int MR, int NV>
-SB_INLINE void tile(const Item<S>& it, const S* bp, int64_t npad, int64_t i0, int64_t j0, S* cp) {
-  using V = typename Vec<S>::T;
-  constexpr int W = Vec<S>::W;
+SK_INLINE void tile(const Item<S>& it, const S* bp, int64_t npad, int64_t i0, int64_t j0, S* cp) {
+  using V = vec<S>;
+  constexpr int W = VecOf<S>::W;
   V acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = V{};
@@ -82,8 +56,8 @@ SB_INLINE void tile(const Item<S>& it, const S* bp, int64_t npad, int64_t i0, in
 }
 
 template <typename S, int MR>
-SB_INLINE void row_block(const Item<S>& it, const S* bp, int64_t npad, int64_t i0, S* cp) {
-  constexpr int W = Vec<S>::W;
+SK_INLINE void row_block(const Item<S>& it, const S* bp, int64_t npad, int64_t i0, S* cp) {
+  constexpr int W = VecOf<S>::W;
   int64_t j0 = 0;
   for (; j0 + 4 * W <= npad; j0 += 4 * W) tile<S, MR, 4>(it, bp, npad, i0, j0, cp);
   switch ((npad - j0) / W) {
@@ -95,8 +69,8 @@ SB_INLINE void row_block(const Item<S>& it, const S* bp, int64_t npad, int64_t i
 }
 
 template <typename S>
-SB_INLINE void matmul(const Item<S>& it, std::vector<S>& scratch) {
-  constexpr int W = Vec<S>::W;
+SK_INLINE void matmul(const Item<S>& it, std::vector<S>& scratch) {
+  constexpr int W = VecOf<S>::W;
   const int64_t npad = (it.n + W - 1) / W * W;
   const size_t need = static_cast<size_t>((it.k + it.m) * npad);
   if (scratch.size() < need) scratch.resize(need);
