@@ -174,21 +174,16 @@ def retraction_coefficients(
     """
     retraction = canonical_retraction(retraction)
     r = k.shape[-1]
-    lr = _lr_tensor(lr, k)
-    if retraction == "cayley_fp" and cayley_iters >= 1:
-        batch = k.shape[:-2]
-        lr3 = lr.reshape(1, 1, 1) if lr.numel() == 1 else lr.expand(*batch, 1, 1).reshape(-1, 1, 1)
+    if retraction == "cayley_fp":
         c, e = _cayley_fp_coefficients(k.reshape(-1, r, r), g.reshape(-1, r, r),
-                                       h.reshape(-1, r, r), lr3, cayley_iters)
-        info = torch.zeros(batch, dtype=torch.int32, device=k.device)
+                                       h.reshape(-1, r, r), _flat_lr(lr, k).view(-1, 1, 1),
+                                       cayley_iters)
+        info = torch.zeros(k.shape[:-2], dtype=torch.int32, device=k.device)
         return c.reshape(k.shape), e.reshape(k.shape), info
+    lr = _lr_tensor(lr, k)
     eye = _eye(k, r)
     sg = sym(g)
-    mn1 = None
-    if retraction in ("cayley", "cayley_fp"):
-        mn1 = _cayley_mn1(k, g, h, sg)
-    if retraction == "cayley_fp":
-        lr = _step_size_from_mn1(mn1, lr)
+    mn1 = _cayley_mn1(k, g, h, sg) if retraction == "cayley" else None
     c0 = eye + lr * sg
     e0 = -lr * eye
     info = torch.zeros(k.shape[:-2], dtype=torch.int32, device=k.device)
@@ -205,26 +200,24 @@ def retraction_coefficients(
                 s = 0.5 * s @ (3.0 * eye - s.mT @ m @ s)
         return c0 @ s, e0 @ s, info
 
-    # Cayley: coefficients c (2r x r) of Y = [X, D] c. M is linear in lr (M = lr M_1), so one
-    # product M_1 N serves the step size and the iteration.
+    # exact Cayley: coefficients c (2r x r) of Y = [X, D] c from the 2r x 2r solve
     e1 = torch.cat([eye, torch.zeros_like(k)], dim=-2)
-    if retraction == "cayley":
-        amat = lr * mn1
-        eye2 = _eye(k, 2 * r)
-        c, info = smallmat.solve(eye2 - 0.5 * amat, e1 + 0.5 * amat @ e1)
-    else:
-        # c <- e1 + (lr/2) M_1 N (e1 + c): lr scales the 2r x r product, not the 2r x 2r M_1 N
-        half_lr = 0.5 * lr
-        c = torch.cat([c0, e0], dim=-2)
-        for _ in range(cayley_iters):
-            c = torch.addcmul(e1, half_lr, mn1 @ (e1 + c))
+    amat = lr * mn1
+    c, info = smallmat.solve(_eye(k, 2 * r) - 0.5 * amat, e1 + 0.5 * amat @ e1)
     return c[..., :r, :], c[..., r:, :], info
+
+
+def _flat_lr(lr: float | Tensor, k: Tensor) -> Tensor:
+    """``lr`` (a float, or a tensor broadcastable to ``k``'s batch ``(..., 1, 1)``) as a 1-D
+    tensor of ``k``'s dtype: one element, or one per factor of the flattened batch."""
+    lr = _lr_tensor(lr, k)
+    return lr.reshape(1) if lr.numel() == 1 else lr.expand(*k.shape[:-2], 1, 1).reshape(-1)
 
 
 def _cayley_fp_coefficients(k: Tensor, g: Tensor, h: Tensor, lr: Tensor,
                             iters: int) -> tuple[Tensor, Tensor]:
     """``cayley_fp``'s ``(C, E)`` (``(B, r, r)`` each, for ``(B, r, r)`` Gram matrices and
-    ``lr`` of shape ``()`` or ``(B, 1, 1)``) by the blocks of ``M_1 N`` (:func:`_cayley_mn1`):
+    ``lr`` of shape ``(1, 1, 1)`` or ``(B, 1, 1)``) by the blocks of ``M_1 N`` (:func:`_cayley_mn1`):
     the same math as the dense iteration ``c <- e1 + (lr/2) M_1 N (e1 + c)`` with fewer
     products (``tests/test_gram_small_step.py`` compares the two in float64).
 
@@ -236,7 +229,8 @@ def _cayley_fp_coefficients(k: Tensor, g: Tensor, h: Tensor, lr: Tensor,
     * the identities are added on the diagonal in place, not as ``r x r`` sums.
 
     ``r x r`` products: 3 for the blocks, 1 for the first iteration, 4 for each further one
-    (the dense form: 3, then 8 for the step size and 4 per iteration)."""
+    (the dense form: a ``2r x 2r`` product for the step size and 4 per iteration). With
+    ``iters = 0``: ``c_0`` with the clipped step."""
     mm = smallmat.bmm
     sg = (g + g.mT).mul_(0.5)
     ksg = mm(k, sg)
@@ -250,6 +244,10 @@ def _cayley_fp_coefficients(k: Tensor, g: Tensor, h: Tensor, lr: Tensor,
     w_norm = (-trace).clamp_min(0).sqrt()
     lr = torch.minimum(lr, 1.0 / w_norm.clamp_min(torch.finfo(k.dtype).tiny)[..., None, None])
     half_lr = 0.5 * lr
+    if iters == 0:  # c_0 = [I + lr sym(G); -lr I]
+        c = sg * lr
+        c.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        return c, (-lr) * torch.eye(k.shape[-1], dtype=k.dtype, device=k.device).expand_as(k)
     # iteration 1, from U = e1 + c_0 = [2I + lr sym(G); -lr I]:
     #   C = I + (lr/2) (2 P11 + lr (P11 sym(G) - P12)),  E = -(lr/2) (2K + lr (K sym(G) - G))
     c = mm(p11, sg).sub_(p12).mul_(lr).add_(p11, alpha=2.0).mul_(half_lr)
@@ -440,13 +438,10 @@ def step_coefficients(
     if (retraction == "cayley_fp" and cayley_iters >= 1 and k.device.type == "cpu"
             and _NATIVE_CAYLEY_STEP and k.dtype in (torch.float32, torch.float64)):
         r = k.shape[-1]
-        batch = k.shape[:-2]
-        lr_t = _lr_tensor(lr, k)
-        lr_t = lr_t.reshape(1) if lr_t.numel() == 1 else lr_t.expand(*batch, 1, 1).reshape(-1)
         c, e = torch.ops.stiefel_kernels.cayley_fp_step(
-            k.reshape(-1, r, r), g.reshape(-1, r, r), h.reshape(-1, r, r), lr_t, cayley_iters,
-            float(tol))
-        info = torch.zeros(batch, dtype=torch.int32, device=k.device)
+            k.reshape(-1, r, r), g.reshape(-1, r, r), h.reshape(-1, r, r), _flat_lr(lr, k),
+            cayley_iters, float(tol))
+        info = torch.zeros(k.shape[:-2], dtype=torch.int32, device=k.device)
         return c.reshape(k.shape), e.reshape(k.shape), info
     return _step_coefficients_torch(k, g, h, lr, retraction, tol=tol, cayley_iters=cayley_iters,
                                     ns_steps=ns_steps)
