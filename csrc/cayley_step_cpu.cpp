@@ -65,7 +65,7 @@ struct Work {
   std::vector<S> mats;  // kMats r x r matrices
   std::vector<S> pack;  // small_matmul's packing scratch
   int64_t rr = 0;
-  static constexpr int kMats = 16;
+  static constexpr int kMats = 19;
   void size_for(int64_t r) {
     rr = r * r;
     if (mats.size() < static_cast<size_t>(kMats * rr)) mats.resize(static_cast<size_t>(kMats * rr));
@@ -78,7 +78,7 @@ template <typename S>
 SK_INLINE void mm(S* out, const S* a, const S* b, int64_t r, Work<S>& w, const S* add = nullptr,
                   S alpha = S(1), bool at = false) {
   Item<S> it{a, at ? 1 : r, at ? r : 1, b, r, 1, add, r, 1, out, r, r, r, alpha};
-  small_matmul::matmul(it, w.pack);
+  small_matmul::run(it, w.pack);
 }
 
 template <typename S>
@@ -86,14 +86,80 @@ SK_INLINE void add_diag(S* m, int64_t r, S v) {
   for (int64_t i = 0; i < r; ++i) m[i * r + i] += v;
 }
 
+// One butterfly stage of a W x W in-register transpose: rows i and i + H (i & H == 0) exchange
+// their lanes in blocks of H; after the stages H = W/2, ..., 1 row i holds column i.
+template <typename S>
+struct MaskOf;
+template <>
+struct MaskOf<float> {
+  typedef int32_t T __attribute__((vector_size(64)));
+};
+template <>
+struct MaskOf<double> {
+  typedef int64_t T __attribute__((vector_size(64)));
+};
+template <typename S, int H>
+SK_INLINE void transpose_stage(vec<S>* v) {
+  constexpr int W = VecOf<S>::W;
+  using M = typename MaskOf<S>::T;
+  M lo, hi;
+  for (int l = 0; l < W; ++l) {
+    const int s = l / (2 * H), o = l % (2 * H);
+    lo[l] = o < H ? s * 2 * H + o : W + s * 2 * H + o - H;
+    hi[l] = o < H ? s * 2 * H + H + o : W + s * 2 * H + o;
+  }
+  for (int i = 0; i < W; ++i) {
+    if (i & H) continue;
+    const vec<S> a = v[i], b = v[i + H];
+    v[i] = __builtin_shuffle(a, b, lo);
+    v[i + H] = __builtin_shuffle(a, b, hi);
+  }
+}
+
+// dst = src^T, both r x r row-major (not overlapping). The scalar loop reads a column per row
+// (~2 us at r = 64); whole W x W blocks go through registers instead.
+template <typename S>
+SK_INLINE void transpose(S* __restrict dst, const S* __restrict src, int64_t r) {
+  constexpr int W = VecOf<S>::W;
+  if (r % W != 0) {
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < r; ++j) dst[i * r + j] = src[j * r + i];
+    return;
+  }
+  for (int64_t bi = 0; bi < r; bi += W) {
+    for (int64_t bj = 0; bj < r; bj += W) {
+      vec<S> v[W];
+      for (int i = 0; i < W; ++i) v[i] = vload(src + (bi + i) * r + bj);
+      if constexpr (W == 16) transpose_stage<S, 8>(v);
+      transpose_stage<S, 4>(v);
+      transpose_stage<S, 2>(v);
+      transpose_stage<S, 1>(v);
+      for (int i = 0; i < W; ++i) vstore(dst + (bj + i) * r + bi, v[i]);
+    }
+  }
+}
+
+// Sums in float64 over x < n of f(x), in kLanes interleaved partial sums added in a fixed order
+// at the end (a fixed order that the compiler can keep in vector registers).
+template <typename F>
+SK_INLINE double lane_sum(int64_t n, F&& f) {
+  constexpr int kLanes = 8;
+  double acc[kLanes] = {};
+  int64_t x = 0;
+  for (; x + kLanes <= n; x += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += f(x + l);
+  for (int l = 0; x < n; ++x, ++l) acc[l] += f(x);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 // one factor: k, g, h read through (rs, cs); c, e written contiguous
 template <typename S>
 SK_INLINE void factor_step(const S* k_in, const S* g_in, const S* h_in, int64_t rs, int64_t cs, S lr,
                            int64_t iters, double tol, int64_t r, S* c_out, S* e_out, Work<S>& w) {
   const int64_t rr = r * r;
-  S* K = w.m(0);
-  S* G = w.m(1);
-  S* H = w.m(2);
+  S* GT = w.m(0);
+  S* T0 = w.m(1);
+  S* T4 = w.m(2);
   S* sg = w.m(3);
   S* ksg = w.m(4);
   S* A = w.m(5);
@@ -107,31 +173,38 @@ SK_INLINE void factor_step(const S* k_in, const S* g_in, const S* h_in, int64_t 
   S* M = w.m(13);
   S* Y = w.m(14);
   S* Z = w.m(15);
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < r; ++j) {
-      K[i * r + j] = k_in[i * rs + j * cs];
-      G[i * r + j] = g_in[i * rs + j * cs];
-      H[i * r + j] = h_in[i * rs + j * cs];
-    }
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < r; ++j) sg[i * r + j] = (G[i * r + j] + G[j * r + i]) * S(0.5);
+  // K, G, H in place when they are row-major (the views of pass 1's output), else gathered
+  const S *K = k_in, *G = g_in, *H = h_in;
+  if (cs != 1 || rs != r) {
+    S* k = w.m(16);
+    S* g = w.m(17);
+    S* h = w.m(18);
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < r; ++j) {
+        k[i * r + j] = k_in[i * rs + j * cs];
+        g[i * r + j] = g_in[i * rs + j * cs];
+        h[i * r + j] = h_in[i * rs + j * cs];
+      }
+    K = k;
+    G = g;
+    H = h;
+  }
+  transpose(GT, G, r);
+  for (int64_t x = 0; x < rr; ++x) sg[x] = (G[x] + GT[x]) * S(0.5);
   mm(ksg, K, sg, r, w);
   S* a = T1;
   for (int64_t x = 0; x < rr; ++x) a[x] = S(-0.5) * (ksg[x] - G[x]) + sg[x];
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < r; ++j) A[i * r + j] = a[i * r + j] - a[j * r + i];
-  // P11 = A K + G^T (G^T into T2 first: the epilogue reads add row-major)
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < r; ++j) T2[i * r + j] = G[j * r + i];
-  mm(P11, A, K, r, w, T2);
+  transpose(T2, a, r);
+  for (int64_t x = 0; x < rr; ++x) A[x] = a[x] - T2[x];
+  mm(P11, A, K, r, w, GT);  // P11 = A K + G^T
   mm(P12, A, G, r, w, H);
-  // ||W_1||_F^2 = -tr((M_1 N)^2)
-  double tr = 0.0;
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < r; ++j)
-      tr += static_cast<double>(P11[i * r + j]) * P11[j * r + i] -
-            2.0 * static_cast<double>(P12[i * r + j]) * K[j * r + i] +
-            static_cast<double>(G[i * r + j]) * G[j * r + i];
+  // ||W_1||_F^2 = -tr((M_1 N)^2) = -(sum P11 o P11^T - 2 sum P12 o K^T + sum G o G^T)
+  transpose(T0, P11, r);
+  transpose(T4, K, r);
+  const double tr = lane_sum(rr, [&](int64_t x) {
+    return static_cast<double>(P11[x]) * T0[x] - 2.0 * static_cast<double>(P12[x]) * T4[x] +
+           static_cast<double>(G[x]) * GT[x];
+  });
   const S w_norm = static_cast<S>(std::sqrt(std::max(-tr, 0.0)));
   // a NaN anywhere in the blocks makes the step NaN, as torch's clamp_min / minimum do (std::max
   // and std::min would drop it)
@@ -162,14 +235,16 @@ SK_INLINE void factor_step(const S* k_in, const S* g_in, const S* h_in, int64_t 
   mm(T3, H, E, r, w);
   mm(T1, C, T2, r, w, static_cast<const S*>(nullptr), S(1), /*at=*/true);
   mm(Y, E, T3, r, w, T1, S(1), /*at=*/true);
-  double drift2 = 0.0;
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < r; ++j) {
-      const S v = (Y[i * r + j] + Y[j * r + i]) * S(0.5);
-      M[i * r + j] = v;
-      const double d = static_cast<double>(v) - (i == j ? 1.0 : 0.0);
-      drift2 += d * d;
-    }
+  transpose(T2, Y, r);
+  for (int64_t x = 0; x < rr; ++x) M[x] = (Y[x] + T2[x]) * S(0.5);
+  // M - I (the diagonal's difference in S: exact for the diagonals in [0.5, 2] of any point near
+  // the manifold), its squares summed in float64
+  std::memcpy(T0, M, sizeof(S) * rr);
+  add_diag(T0, r, S(-1));
+  const double drift2 = lane_sum(rr, [&](int64_t x) {
+    const double d = static_cast<double>(T0[x]);
+    return d * d;
+  });
   const S drift = static_cast<S>(std::sqrt(drift2));
   if (!(static_cast<double>(drift) > tol)) {  // no correction (also for a NaN drift, as torch's)
     std::memcpy(c_out, C, sizeof(S) * rr);

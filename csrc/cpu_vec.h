@@ -52,4 +52,15 @@ SK_INLINE void vstore(S* p, const vec<S>& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// a * b + c rounded once, lane by lane (an FMA instruction where the ISA has one): explicit where
+// bits must not depend on whether the compiler contracts a multiply and an add
+SK_INLINE float sfma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+SK_INLINE double sfma(double a, double b, double c) { return __builtin_fma(a, b, c); }
+template <typename S>
+SK_INLINE vec<S> vfma(const vec<S>& a, const vec<S>& b, const vec<S>& c) {
+  vec<S> r;
+  for (int l = 0; l < VecOf<S>::W; ++l) r[l] = sfma(a[l], b[l], c[l]);
+  return r;
+}
+
 }  // namespace stiefel_kernels

@@ -25,14 +25,17 @@
 #include "small_matmul.h"
 
 namespace stiefel_kernels {
+namespace small_matmul {
+
+// the out-of-line, per-ISA instances declared in small_matmul.h
+SK_CLONES void matmul_f32(const Item<float>& it, std::vector<float>& scratch) { matmul(it, scratch); }
+SK_CLONES void matmul_f64(const Item<double>& it, std::vector<double>& scratch) { matmul(it, scratch); }
+
+}  // namespace small_matmul
+
 namespace {
 
 using small_matmul::Item;
-
-SK_CLONES void item_f32(const Item<float>& it, std::vector<float>& scratch) { small_matmul::matmul(it, scratch); }
-SK_CLONES void item_f64(const Item<double>& it, std::vector<double>& scratch) { small_matmul::matmul(it, scratch); }
-SK_INLINE void run_item(const Item<float>& it, std::vector<float>& s) { item_f32(it, s); }
-SK_INLINE void run_item(const Item<double>& it, std::vector<double>& s) { item_f64(it, s); }
 
 template <typename S>
 void run(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& add, double alpha,
@@ -51,7 +54,7 @@ void run(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tenso
                  bp + t * b.stride(0), b.stride(1), b.stride(2),
                  dp ? dp + t * add->stride(0) : nullptr, add ? add->stride(1) : 0,
                  add ? add->stride(2) : 0, op + t * m * n, m, k, n, static_cast<S>(alpha)};
-      run_item(it, scratch);
+      small_matmul::run(it, scratch);
     }
   });
 }
