@@ -311,11 +311,12 @@ SK_INLINE void gram_wide(const S* __restrict x, int64_t sx, const S* __restrict 
 // ----------------------------------------------------------------------- pass-2 micro-kernels
 // Tall: rows [0, nb) of x, d (rp columns) -> y = x + (x Cm + d E); Cm, E are rp x rp (zero pad).
 // Register tiles of 4 rows x NV vectors; each output element sums over i in order, the x term
-// before the d term of each i.
+// before the d term of each i. y may be x (pass 2 writes in place when one tile spans a row):
+// no __restrict on those two.
 template <typename S, int NV, typename F>
-SK_INLINE void apply_tall_tile(const S* __restrict x, const S* __restrict d, int64_t row0, int64_t jt,
+SK_INLINE void apply_tall_tile(const S* x, const S* __restrict d, int64_t row0, int64_t jt,
                                int64_t r, int64_t rp, const S* __restrict cm, const S* __restrict e,
-                               S* __restrict y, F&& between) {
+                               S* y, F&& between) {
   constexpr int W = VecOf<S>::W;
   vec<S> acc[4][NV];
   for (int a = 0; a < 4; ++a)
@@ -345,9 +346,9 @@ inline int64_t apply_tall_units(int64_t nb, int64_t r, int64_t rp, int W) {
 }
 
 template <typename S, typename F>
-SK_INLINE void apply_tall(const S* __restrict x, const S* __restrict d, int64_t nb, int64_t r,
+SK_INLINE void apply_tall(const S* x, const S* __restrict d, int64_t nb, int64_t r,
                           int64_t rp, const S* __restrict cm, const S* __restrict e,
-                          S* __restrict y, F&& between) {
+                          S* y, F&& between) {
   constexpr int W = VecOf<S>::W;
   for (int64_t row0 = 0; row0 < nb; row0 += 4) {  // scratch has a multiple of 4 rows
     for (int64_t jt = 0; jt < rp; jt += 4 * W) {
@@ -768,13 +769,17 @@ struct Pass1Ctx {
 template <typename S>
 SK_INLINE void write_partials(const Pass1Ctx<S>& cx, int64_t item, Scratch<S>& sc) {
   const int64_t r = cx.bk->geo.r, ra = cx.bk->geo.ra;
-  S* out = cx.partials + item * 3 * r * r;
+  S* ok = cx.partials + item * 3 * r * r;
+  S* og = ok + r * r;
+  S* oh = og + r * r;
   for (int64_t i = 0; i < r; ++i) {
-    for (int64_t j = 0; j < r; ++j) {
-      const int64_t up = i <= j ? i * ra + j : j * ra + i;  // K, H: upper triangle computed
-      out[i * r + j] = sc.K[up];
-      out[r * r + i * r + j] = sc.G[i * ra + j];
-      out[2 * r * r + i * r + j] = sc.H[up];
+    std::memcpy(og + i * r, sc.G + i * ra, sizeof(S) * r);
+    // K, H: their upper triangles were computed; j >= i from row i, j < i mirrored from column i
+    std::memcpy(ok + i * r + i, sc.K + i * ra + i, sizeof(S) * (r - i));
+    std::memcpy(oh + i * r + i, sc.H + i * ra + i, sizeof(S) * (r - i));
+    for (int64_t j = 0; j < i; ++j) {
+      ok[i * r + j] = sc.K[j * ra + i];
+      oh[i * r + j] = sc.H[j * ra + i];
     }
   }
 }
@@ -1001,9 +1006,16 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
       const int64_t rp = geo.rp;
       const int64_t units = std::max<int64_t>(1, apply_tall_units(nb, r, rp, W));
       const int64_t quota = (pr.total() + units - 1) / units;
-      apply_tall<S>(x, d, nb, r, rp, sc.cm, sc.e, sc.y, [&]() __attribute__((always_inline)) { pr.step(quota); });
+      // y straight into the parameters when x is read from them and one tile spans a whole row
+      // (it reads rows row0..row0+3 in full before it writes them; no other tile reads them)
+      bool in_place = false;
+      if constexpr (std::is_same_v<P, S>) in_place = prev.R.direct_x && rp <= 4 * W;
+      S* y = in_place ? reinterpret_cast<S*>(pp) + b0 * r : sc.y;
+      apply_tall<S>(x, d, nb, r, rp, sc.cm, sc.e, y, [&]() __attribute__((always_inline)) { pr.step(quota); });
       const bool flat = rp == r && f.ld[kP] == r && f.ld[kM] == r && f.ld[kV] == r;
-      if (flat) {
+      if (in_place) {
+        // written by apply_tall
+      } else if (flat) {
         convert_out<P, S>(sc.y, pp + b0 * r, nb * r);
       } else {
         for (int64_t k = 0; k < nb; ++k) convert_out<P, S>(sc.y + k * rp, pp + (b0 + k) * f.ld[kP], r);
