@@ -87,6 +87,23 @@ def test_same_bits_at_one_and_two_threads(gen, dtype):
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n", [16, 64, 48])
+def test_in_place_and_packed_paths_give_the_same_bits(gen, dtype, n):
+    """Rows of B that are whole vectors are read in place and the epilogue is done in registers
+    (small_matmul.h); a transposed B is packed and a transposed add goes through the scalar
+    epilogue. Both are the same sums in the same order and one FMA for add + alpha * acc."""
+    assert _native_cpu()
+    a = torch.randn(3, 37, 29, generator=gen, dtype=dtype)
+    b = torch.randn(3, 29, n, generator=gen, dtype=dtype)
+    d = torch.randn(3, 37, n, generator=gen, dtype=dtype)
+    for alpha in (1.0, -0.7):
+        direct = OPS.small_bmm(a, b, d, alpha)
+        packed = OPS.small_bmm(a, _views(b, "transposed"), _views(d, "transposed"), alpha)
+        assert torch.equal(direct, packed), alpha
+        assert torch.equal(OPS.small_bmm(a, b, None, alpha), OPS.small_bmm(a, _views(b, "transposed"), None, alpha))
+
+
 def test_smallmat_bmm_batch_shapes(gen):
     """The wrapper takes any batch shape (also none) and returns ``add + alpha * a @ b``."""
     for batch in [(), (4,), (2, 3)]:
