@@ -948,8 +948,11 @@ struct Pass2Ctx {
   const Bucket* bk;
   S eps;
   const double* bc;  // (2, P)
-  const double* c;   // (F, r, r)
-  const double* e;   // (F, r, r)
+  // C and E, (F, r, r) contiguous, float32 or float64 as given (read into the per-factor scratch:
+  // no converted copies of them per step)
+  const void* c;
+  const void* e;
+  bool coef_f64;
 };
 
 template <typename P, typename S>
@@ -986,12 +989,15 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
     const int64_t fi = cur.item / geo.nchunks;
     const Factor& f = bk.factors[fi];
     if (fi != coef_factor) {  // C - I (in float64, then rounded) and E, zero-padded to ra x ra
-      const double* cf = cx.c + fi * r * r;
-      const double* ef = cx.e + fi * r * r;
+      auto load = [&](const void* base, int64_t idx) -> double {
+        return cx.coef_f64 ? static_cast<const double*>(base)[idx]
+                           : static_cast<double>(static_cast<const float*>(base)[idx]);
+      };
       for (int64_t i = 0; i < r; ++i) {
         for (int64_t j = 0; j < r; ++j) {
-          sc.cm[i * ra + j] = static_cast<S>(cf[i * r + j] - (i == j ? 1.0 : 0.0));
-          sc.e[i * ra + j] = static_cast<S>(ef[i * r + j]);
+          const int64_t idx = (fi * r + i) * r + j;
+          sc.cm[i * ra + j] = static_cast<S>(load(cx.c, idx) - (i == j ? 1.0 : 0.0));
+          sc.e[i * ra + j] = static_cast<S>(load(cx.e, idx));
         }
       }
       coef_factor = fi;
@@ -1052,10 +1058,14 @@ void run_pass2(const Bucket& bk, const at::Tensor& bc, const at::Tensor& c, cons
   const int64_t nf = static_cast<int64_t>(bk.factors.size());
   if (nf == 0 || geo.n == 0 || geo.r == 0) return;
   at::Tensor bcd = bc.to(at::kDouble).contiguous();
-  at::Tensor cd = c.to(at::kDouble).contiguous();
-  at::Tensor ed = e.to(at::kDouble).contiguous();
-  Pass2Ctx<S> cx{&bk, static_cast<S>(eps), bcd.data_ptr<double>(), cd.data_ptr<double>(),
-                 ed.data_ptr<double>()};
+  // float32 / float64 C and E are read as they are (the r x r step returns them in the working
+  // dtype); another floating dtype, or two different ones, are converted to float64 first
+  const bool same = c.scalar_type() == e.scalar_type();
+  const bool native = same && (c.scalar_type() == at::kFloat || c.scalar_type() == at::kDouble);
+  at::Tensor cd = native ? c.contiguous() : c.to(at::kDouble).contiguous();
+  at::Tensor ed = native ? e.contiguous() : e.to(at::kDouble).contiguous();
+  Pass2Ctx<S> cx{&bk, static_cast<S>(eps), bcd.data_ptr<double>(), cd.data_ptr(), ed.data_ptr(),
+                 cd.scalar_type() == at::kDouble};
   at::parallel_for(0, nf * geo.nchunks, 1, [&](int64_t begin, int64_t end) {
     Scratch<S> sc(geo);
     if constexpr (std::is_same_v<S, double>) {

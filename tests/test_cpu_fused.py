@@ -224,6 +224,24 @@ def test_pass2_matches_float64(gen, shape, count, dtype):
         assert rel(got, want) < RTOL[work]
 
 
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_pass2_reads_float32_and_float64_coefficients_alike(gen, dtype):
+    """C and E are read in the dtype they come in (float32 / float64: no converted copies per
+    step), any other dtype through float64: the same values give the same bits either way."""
+    shape, count = (48, 16), 2
+    ps, gs, ms, vs, _ = make_bucket(gen, shape, count, dtype)
+    _, _, bc = bias(count, gen)
+    c = (torch.eye(16, dtype=F64) + 0.05 * torch.randn(count, 16, 16, generator=gen, dtype=F64)).to(torch.bfloat16)
+    e = (0.01 * torch.randn(count, 16, 16, generator=gen, dtype=F64)).to(torch.bfloat16)
+    outs = []
+    for cd, ed in [(F32, F32), (F64, F64), (torch.bfloat16, torch.bfloat16), (F32, F64)]:
+        xs = [p.clone() for p in ps]
+        cpu_fused.pass2(xs, ms, vs, bc, c.to(cd), e.to(ed), hyper())
+        outs.append(torch.stack(xs))
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+
 # Shapes for the sub-block pipeline of the kernels (csrc/fused_step_cpu.cpp: the elementwise
 # work of the next sub-block done between the register tiles of the current one, float32
 # parameters read in place when laid out as the micro-kernels need them, else converted into
