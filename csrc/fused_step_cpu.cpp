@@ -1015,7 +1015,7 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
       // y straight into the parameters when x is read from them and one tile spans a whole row
       // (it reads rows row0..row0+3 in full before it writes them; no other tile reads them)
       bool in_place = false;
-      if constexpr (std::is_same_v<P, S>) in_place = prev.R.direct_x && rp <= 4 * W;
+      if constexpr (std::is_same_v<P, S>) in_place = prev.R.direct_x && rp <= 4 * W && nb % 4 == 0;
       S* y = in_place ? reinterpret_cast<S*>(pp) + b0 * r : sc.y;
       apply_tall<S>(x, d, nb, r, rp, sc.cm, sc.e, y, [&]() __attribute__((always_inline)) { pr.step(quota); });
       const bool flat = rp == r && f.ld[kP] == r && f.ld[kM] == r && f.ld[kV] == r;

@@ -4,12 +4,13 @@
 // product, every operand through its strides, out row-major.
 //
 // Register tiles of 4 rows x up to 4 vectors (16 accumulators; per k: 4 broadcasts of A, 4 loads
-// of B, 16 FMAs); sums run over k in order, one FMA per term. When a row of B is whole vectors
-// (n a multiple of the vector width, unit column stride) B is read in place, and the epilogue
-// add + alpha * acc is done in registers and stored straight into out (when add, if any, has unit
-// column stride and out overlaps neither A nor B); otherwise B is packed into a zero-padded
-// row-major scratch and the tiles go through a scratch C. Neither changes a bit of the result
-// (the same sums in the same order, the same epilogue expression). r = 64 on this project's VM:
+// of B, 16 FMAs); sums run over k in order, one FMA per term (in the clones whose ISA has FMA).
+// When a row of B is whole vectors (n a multiple of the vector width, unit column stride) B is
+// read in place, else packed into a zero-padded row-major scratch; when n is a multiple of the
+// vector width, add (if any) has unit column stride and out overlaps neither A nor B, the
+// epilogue add + alpha * acc is done in registers and stored straight into out, else the tiles
+// go through a scratch C and a scalar epilogue. None of this changes a bit of the result (the
+// same sums in the same order, the epilogue one explicit FMA either way). r = 64 on this project's VM:
 // 2.0 us per product in place (260 GFLOP/s) against 2.5 us packed; r = 16: 0.07 against 0.18 us.
 // matmul is always inlined into the function that calls it, which must be cloned per ISA
 // (cpu_vec.h) so that the vectors are as wide as the clone's ISA allows; run() calls such a
@@ -97,14 +98,18 @@ SK_INLINE void row_block(const Item<S>& it, const S* bp, int64_t ldb, int64_t np
 }
 
 // whether out (m x n row-major) shares memory with the (rows x cols) operand p through (sr, sc)
+// (strides of either sign; addresses compared as integers)
 template <typename S>
 SK_INLINE bool overlaps(const Item<S>& it, const S* p, int64_t sr, int64_t sc, int64_t rows, int64_t cols) {
   if (rows <= 0 || cols <= 0 || it.m <= 0 || it.n <= 0) return false;
-  const S* p_last = p + (rows - 1) * sr + (cols - 1) * sc;
-  const S* lo = std::min(p, p_last);
-  const S* hi = std::max(p, p_last);
-  const S* o_last = it.out + it.m * it.n - 1;
-  return !(hi < it.out || lo > o_last);
+  const int64_t lo = std::min<int64_t>(0, (rows - 1) * sr) + std::min<int64_t>(0, (cols - 1) * sc);
+  const int64_t hi = std::max<int64_t>(0, (rows - 1) * sr) + std::max<int64_t>(0, (cols - 1) * sc);
+  const uintptr_t base = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t p_lo = base + static_cast<uintptr_t>(lo * static_cast<int64_t>(sizeof(S)));
+  const uintptr_t p_hi = base + static_cast<uintptr_t>(hi * static_cast<int64_t>(sizeof(S)));
+  const uintptr_t o_lo = reinterpret_cast<uintptr_t>(it.out);
+  const uintptr_t o_hi = o_lo + static_cast<uintptr_t>((it.m * it.n - 1) * static_cast<int64_t>(sizeof(S)));
+  return !(p_hi < o_lo || p_lo > o_hi);
 }
 
 template <typename S>

@@ -89,13 +89,15 @@ def test_per_factor_learning_rates(gen):
 def test_strided_views_and_mixed_layouts(gen):
     """The views of pass 1's ``(F, 3, r, r)`` output (one layout), and k, g, h in different
     layouts (copied inside)."""
-    k, g, h = grams(gen, (4,), 50, 7, torch.float32, drifts=[1e-3])
-    stacked = torch.stack([k, g, h], dim=1)
-    kv, gv, hv = stacked.unbind(1)
-    want = native(k.contiguous(), g.contiguous(), h.contiguous(), 0.05, 2, 1e-6)
-    for args in [(kv, gv, hv), (k, g.mT.contiguous().mT, h)]:
-        got = native(*args, 0.05, 2, 1e-6)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for r in (7, 16):  # r = 16: whole-vector transposes in the kernel
+        k, g, h = grams(gen, (4,), 50, r, torch.float32, drifts=[1e-3])
+        stacked = torch.stack([k, g, h], dim=1)
+        kv, gv, hv = stacked.unbind(1)
+        want = native(k.contiguous(), g.contiguous(), h.contiguous(), 0.05, 2, 1e-6)
+        col = [t.mT.contiguous().mT for t in (k, g, h)]  # one layout, not row-major: gathered
+        for args in [(kv, gv, hv), (k, g.mT.contiguous().mT, h), col]:
+            got = native(*args, 0.05, 2, 1e-6)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)

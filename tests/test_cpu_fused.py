@@ -242,6 +242,29 @@ def test_pass2_reads_float32_and_float64_coefficients_alike(gen, dtype):
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
 
+
+@pytest.mark.parametrize("n", [1030, 200])
+def test_pass2_in_place_writes_only_its_rows(gen, n):
+    """Tall float32 factors with r = 16 are written in place by pass 2 (whole groups of 4 rows;
+    a 6-row tail goes through scratch): nothing past a factor's last row changes."""
+    r = 16
+    bufs = [torch.full((n + 4, r), float("nan")) for _ in range(2)]
+    ps = [b[:n] for b in bufs]
+    for p in ps:
+        p.copy_(torch.linalg.qr(torch.randn(n, r, generator=gen))[0])
+    ms = [0.1 * torch.randn(n, r, generator=gen) for _ in ps]
+    vs = [0.01 * torch.rand(n, r, generator=gen) + 1e-6 for _ in ps]
+    bc1, bc2, bc = bias(2, gen)
+    c = torch.eye(r) + 0.05 * torch.randn(2, r, r, generator=gen)
+    e = 0.01 * torch.randn(2, r, r, generator=gen)
+    d = (torch.stack(ms) / torch.tensor(bc1).view(-1, 1, 1)) / (
+        sqrt_rn(torch.stack(vs)) / torch.tensor(bc2).view(-1, 1, 1) + hyper().eps)
+    want = torch.stack([p.double() for p in ps]) @ c.double() + d.double() @ e.double()
+    cpu_fused.pass2(ps, ms, vs, bc, c, e, hyper())
+    for b in bufs:
+        assert torch.isnan(b[n:]).all()
+    assert rel(torch.stack(ps), want) < RTOL[F32]
+
 # Shapes for the sub-block pipeline of the kernels (csrc/fused_step_cpu.cpp: the elementwise
 # work of the next sub-block done between the register tiles of the current one, float32
 # parameters read in place when laid out as the micro-kernels need them, else converted into

@@ -101,6 +101,9 @@ def test_in_place_and_packed_paths_give_the_same_bits(gen, dtype, n):
         direct = OPS.small_bmm(a, b, d, alpha)
         packed = OPS.small_bmm(a, _views(b, "transposed"), _views(d, "transposed"), alpha)
         assert torch.equal(direct, packed), alpha
+        # B in place with the scalar epilogue (a transposed add), B packed with the register one
+        assert torch.equal(OPS.small_bmm(a, b, _views(d, "transposed"), alpha), direct)
+        assert torch.equal(OPS.small_bmm(a, _views(b, "transposed"), d, alpha), direct)
         assert torch.equal(OPS.small_bmm(a, b, None, alpha), OPS.small_bmm(a, _views(b, "transposed"), None, alpha))
 
 
