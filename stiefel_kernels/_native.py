@@ -11,9 +11,11 @@ import importlib.util
 import os
 import warnings
 
+import torch
+
 from . import ops  # noqa: F401  (schemas and default kernels: before _C registers its kernels)
 
-__all__ = ["available", "has_op", "load_error", "enable_cuda_kernels", "disable_cuda_kernels",
+__all__ = ["available", "has_op", "has_cpu_kernel", "load_error", "enable_cuda_kernels", "disable_cuda_kernels",
            "cuda_kernels_enabled"]
 
 #: environment variable that registers the native CUDA kernels at import
@@ -67,6 +69,19 @@ def has_op(name: str, device_type: str) -> bool:
     if not available or name not in ops.OPS:
         return False
     return device_type == "cpu" or (device_type == "cuda" and cuda_kernels_enabled)
+
+
+def has_cpu_kernel(name: str) -> bool:
+    """True when the extension registered a CPU kernel for ``torch.ops.stiefel_kernels.<name>``
+    (the dispatcher's own record; ``False`` without the extension). Callers probe once at import
+    and keep a plain bool, which torch.compile reads as a constant (the query would break its
+    graph)."""
+    if not available:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"stiefel_kernels::{name}", "CPU")
+    except Exception:  # pragma: no cover - private API changed
+        return False
 
 
 if os.environ.get(CUDA_KERNELS_ENV, "0") not in ("", "0"):

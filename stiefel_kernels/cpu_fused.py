@@ -51,19 +51,9 @@ __all__ = ["available", "unsupported_reason", "bias_correction_tensor", "pass1",
 _OPS = torch.ops.stiefel_kernels
 
 
-def _probe() -> bool:
-    if not _native.available:
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(
-            "stiefel_kernels::stiefel_adamw_pass1", "CPU")
-    except Exception:  # pragma: no cover - private API changed
-        return False
-
-
 #: probed once, at import (after stiefel_kernels._C registered its kernels): a plain bool that
 #: torch.compile reads as a constant (the dispatcher query itself would break its graph)
-_AVAILABLE = _probe()
+_AVAILABLE = _native.has_cpu_kernel("stiefel_adamw_pass1")
 
 
 def available() -> bool:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import smallmat
+from . import _native, smallmat
 from ._buckets import working_dtype
 from .geometry import newton_schulz_scale, sym
 
@@ -360,16 +360,9 @@ def correction_iters_for(drift: float, dtype: torch.dtype = torch.float64) -> in
     return CORRECTION_ITERS
 
 
-def _probe_native_cayley_step() -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("stiefel_kernels::cayley_fp_step", "CPU")
-    except Exception:  # pragma: no cover - private API changed
-        return False
-
-
 #: probed once at import (a constant for torch.compile): the native CPU kernel of
 #: ``stiefel_kernels::cayley_fp_step`` is registered
-_NATIVE_CAYLEY_STEP = _probe_native_cayley_step()
+_NATIVE_CAYLEY_STEP = _native.has_cpu_kernel("cayley_fp_step")
 
 
 def _host_branch_is_free(t: Tensor) -> bool:

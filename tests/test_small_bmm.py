@@ -22,8 +22,7 @@ SHAPES = [(3, 1, 1, 1), (2, 3, 5, 7), (4, 16, 16, 16), (2, 17, 9, 33), (3, 64, 6
 
 
 def _native_cpu() -> bool:
-    return _native.available and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "stiefel_kernels::small_bmm", "CPU")
+    return _native.has_cpu_kernel("small_bmm")
 
 
 def rel(a, b):

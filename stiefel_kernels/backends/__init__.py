@@ -224,8 +224,8 @@ def advance_steps(state_steps: list[Tensor]) -> Tensor:
     Counters that are, in order, consecutive elements of one 1-D buffer (``StiefelAdamW``
     creates the counters of factors that start together so; a bucket of them is a slice) take
     one in-place add on that slice, which is also the result (on the CPU, scattered elements of
-    one buffer take one indexed add and a gather); any others take ``torch._foreach_add_`` and a ``stack`` (a loop of ``F``
-    adds on the CPU, two launches on a GPU)."""
+    one buffer take one indexed add and a gather); any others take ``torch._foreach_add_`` and
+    a ``stack`` (a loop of ``F`` adds on the CPU, two launches on a GPU)."""
     base = state_steps[0]._base
     if (base is not None and not torch.compiler.is_compiling() and base.dim() == 1
             and base.is_contiguous() and all(s._base is base for s in state_steps)):
