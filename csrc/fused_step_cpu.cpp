@@ -40,7 +40,8 @@
 // (x86-64-v4 / v3 / baseline, picked at load time: target_clones), like ops_cpu.cpp. at::vec is
 // not used: in an extension compiled without torch's per-capability flags it is the generic
 // array implementation, and its fmadd does not say whether it fuses, which the bit-exact moment
-// update needs to control (explicit __builtin_fma there; no other multiply feeds an add in it).
+// update needs to control (explicit FMAs there, cpu_vec.h's sfma; no other multiply feeds an add
+// in it).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -106,9 +107,6 @@ SK_INLINE void reduce16(const vec<S>* v, S* out) {
   for (int k = 0; k < 16; ++k) out[k] = t[k / W][k % W];
 }
 
-SK_INLINE float fused(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
-SK_INLINE double fused(double a, double b, double c) { return __builtin_fma(a, b, c); }
-
 // ----------------------------------------------------------------------- element conversions
 template <typename P, typename S>
 SK_INLINE S load_as(P x) {
@@ -164,9 +162,9 @@ SK_INLINE void moments(const P* __restrict g, S* __restrict m, S* __restrict v, 
     const S g0 = load_as<P, S>(g[j]);
     const S gj = neg ? -g0 : g0;
     const S mo = m[j];
-    const S mj = fused(w, gj - mo, small ? mo : gj);     // torch lerp_ (lerp_vec: fmadd)
+    const S mj = sfma(w, gj - mo, small ? mo : gj);      // torch lerp_ (lerp_vec: fmadd)
     const S vb = v[j] * b2;                               // mul_(beta2)
-    const S vj = fused(c2 * gj, gj, vb);                  // addcmul_(g, g, 1 - beta2)
+    const S vj = sfma(c2 * gj, gj, vb);                   // addcmul_(g, g, 1 - beta2)
     m[j] = mj;
     v[j] = vj;
     S vd = vj;
