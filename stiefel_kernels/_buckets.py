@@ -25,6 +25,7 @@ parameter's own dtype otherwise (moments, Gram matrices, Riemannian gradients).
 """
 from __future__ import annotations
 
+import operator
 from typing import Hashable, Iterable, NamedTuple, Sequence
 
 import torch
@@ -35,6 +36,9 @@ from .geometry import is_row_orthonormal
 __all__ = ["BucketKey", "bucket_key", "group", "buckets", "runs", "working_dtype"]
 
 _HALF = (torch.float16, torch.bfloat16)
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
 
 
 def working_dtype(x: Tensor | torch.dtype) -> torch.dtype:
@@ -77,6 +81,10 @@ def buckets(params: Sequence[Tensor], grads: Sequence[Tensor] | None = None, *,
             column_form: bool = False) -> dict[BucketKey, list[int]]:
     """Indices of ``params`` per bucket (:func:`group` of :func:`bucket_key`); with ``grads``
     the gradient dtype is part of the key."""
+    if grads is None and not column_form:  # the step's case: keys from C-level maps, then
+        # one BucketKey per bucket (a Python call per factor costs ~0.4 ms at 224 factors)
+        raw = group(zip(map(_shape, params), map(_dtype, params), map(_device, params)))
+        return {BucketKey(tuple(shape), dtype, device): idx for (shape, dtype, device), idx in raw.items()}
     return group(bucket_key(p, None if grads is None else grads[i], column_form=column_form)
                  for i, p in enumerate(params))
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+from itertools import repeat
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
@@ -50,6 +51,7 @@ _REQUIRED_STATE = ("step", "exp_avg", "exp_avg_sq")  # max_exp_avg_sq is created
 
 
 _shape = operator.attrgetter("shape")
+_grad = operator.attrgetter("grad")
 _dtype = operator.attrgetter("dtype")
 _device = operator.attrgetter("device")
 _is_sparse = operator.attrgetter("is_sparse")
@@ -493,11 +495,12 @@ class StiefelAdamW(Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return _Prepared([], [], [], [] if group["stiefel"] else None)
-        get = self.state.get
-        states = [get(p) for p in params]
+        states = list(map(self.state.get, params))
         if not all(states):
             return None
-        grads = [p.grad for p in params]
+        grads = list(map(_grad, params))
+        # C-level maps over whole tuples (a Python loop per factor costs ~1 ms per step at a
+        # few hundred factors); a state that is not a dict makes dict.get raise TypeError
         try:
             shapes = tuple(map(_shape, params))
             devices = tuple(map(_device, params))
@@ -507,7 +510,8 @@ class StiefelAdamW(Optimizer):
                 return None
             stiefel = group["stiefel"]
             if stiefel:
-                works = tuple(map(backends.state_dtype, dtypes))
+                work_of = {dt: backends.state_dtype(dt) for dt in set(dtypes)}
+                works = tuple(map(work_of.__getitem__, dtypes))
             else:
                 if tuple(map(_dtype, grads)) != dtypes:
                     return None
@@ -518,14 +522,14 @@ class StiefelAdamW(Optimizer):
                     return None  # a group mixing half and other factors: the per-parameter loop
                 keys.append("master")
             for extra in ("max_exp_avg_sq", "master"):
-                if extra not in keys and any(extra in st for st in states):
+                if extra not in keys and any(map(operator.contains, states, repeat(extra))):
                     return None  # checked (it must still fit) by the per-parameter loop
             for key in keys:
-                ts = [st.get(key) for st in states]
+                ts = list(map(dict.get, states, repeat(key)))
                 if (tuple(map(_shape, ts)) != shapes or tuple(map(_dtype, ts)) != works
                         or tuple(map(_device, ts)) != devices):
                     return None
-            steps = [st.get("step") for st in states]
+            steps = list(map(dict.get, states, repeat("step")))
             if set(map(Tensor.numel, steps)) != {1}:
                 return None
         except (TypeError, AttributeError):  # a state entry that is not a tensor (or missing)
@@ -550,8 +554,9 @@ class StiefelAdamW(Optimizer):
             (kind,) = kinds
             call_list = [(names[kind], backends.state_dtype(kind[2]), None)]
         else:
-            for i, kind in enumerate(zip(map(type, params), devices, dtypes, shapes)):
-                calls.setdefault((names[kind], backends.state_dtype(kind[2])), []).append(i)
+            call_of = {kind: (names[kind], backends.state_dtype(kind[2])) for kind in kinds}
+            for i, call in enumerate(map(call_of.__getitem__, zip(map(type, params), devices, dtypes, shapes))):
+                calls.setdefault(call, []).append(i)
             call_list = [(name, dtype, idx) for (name, dtype), idx in calls.items()]
         return _Prepared(params, grads, states, call_list)
 
