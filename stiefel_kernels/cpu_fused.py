@@ -38,7 +38,6 @@ the one partial of each factor is then written into the output).
 """
 from __future__ import annotations
 
-import operator
 from typing import Sequence
 
 import torch
@@ -48,8 +47,6 @@ from . import _native
 from .geometry import is_row_orthonormal
 
 __all__ = ["available", "unsupported_reason", "bias_correction_tensor", "pass1", "pass2"]
-
-_is_cpu = operator.attrgetter("is_cpu")
 
 _OPS = torch.ops.stiefel_kernels
 
@@ -87,7 +84,7 @@ def unsupported_reason(*tensor_lists: Sequence[Tensor], row_orthonormal: bool | 
     p0 = tensor_lists[0][0]
     if p0.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         return f"dtype {p0.dtype}"
-    if not all(map(_is_cpu, tensors)):
+    if not all(t.is_cpu for t in tensors):  # (t.device builds a device object per tensor)
         return "not a CPU tensor"
     if all(map(Tensor.is_contiguous, tensors)):  # the usual case, in one C-level pass: every
         return None  # tensor has unit stride along its last dim, the same axis for all

@@ -20,8 +20,6 @@ device as a count.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import Tensor
 
@@ -30,8 +28,6 @@ from . import (FunctionBackend, StiefelHyperparams, advance_steps, bias_correcti
                gram_orthogonality_error, state_dtype)
 
 name = "torch"
-
-_dtype = operator.attrgetter("dtype")
 
 
 def unsupported_reason(param: Tensor) -> str | None:
@@ -83,14 +79,16 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     (``row_orthonormal``) and sums ``(K, G, H)`` over the shards (``reduce_grams``)."""
     failures = None
     for idx in _buckets.buckets(params).values():
-        ps, ms, vs, steps = (list(map(lst.__getitem__, idx))
-                             for lst in (params, exp_avgs, exp_avg_sqs, state_steps))
+        ps = [params[i] for i in idx]
+        ms = [exp_avgs[i] for i in idx]
+        vs = [exp_avg_sqs[i] for i in idx]
+        steps = [state_steps[i] for i in idx]
         rows = geometry.is_row_orthonormal(ps[0].shape) if sharding is None else sharding.row_orthonormal
         # a CUDA bucket never looks at the native CPU passes (no per-tensor checks on its hot path)
         if native_passes and ps[0].device.type == "cpu" and cpu_fused.available():
-            g_in = list(map(grads.__getitem__, idx))
-            maxs = list(map(max_exp_avg_sqs.__getitem__, idx)) if hp.amsgrad else []
-            if (set(map(_dtype, g_in)) == {ps[0].dtype}
+            g_in = [grads[i] for i in idx]
+            maxs = [max_exp_avg_sqs[i] for i in idx] if hp.amsgrad else []
+            if (all(g.dtype == ps[0].dtype for g in g_in)
                     and cpu_fused.unsupported_reason(ps, g_in, ms, vs, maxs, row_orthonormal=rows) is None):
                 count = _native_bucket(ps, g_in, ms, vs, maxs, steps, hp, rows, sharding, telemetry)
                 failures = count if failures is None else failures + count
