@@ -39,6 +39,13 @@ Configs: LoRA r=16 / r=64 on 7B-style shapes (``bench_step.make_case``; 8 layers
 8 layers), GPT-2 QK (``bench_step``'s ``gpt2_qk``), one ``16 x 1,000,000`` factor and 512
 factors ``8 x 64`` (factors only, no B).
 
+``--interleave``: build every optimizer of a config first, then time them in turns (round ``i``
+times one step of each, starting at a different optimizer every round), so that all of them
+see the same state of a shared machine; the ratio to fused AdamW is then the median over the
+rounds of each round's ratio (paired), which drifts in the machine's speed during a block
+(fused AdamW's own GPT-2 step moved between 7.5 and 9.5 ms from run to run on this project's
+VM) do not move. Every optimizer's state lives at once (memory: their sum).
+
 Reported per config and thread count: median ms (and min), ratio to fused AdamW, minor page
 faults per step (``getrusage``; fresh pages touched by per-step temporaries), optimizer-state
 bytes (sum of ``nbytes`` of every tensor in ``optimizer.state``; StelLA's per-step cache of
@@ -49,6 +56,8 @@ Usage::
 
     python bench/bench_peers.py --threads 1 2 --out bench/results/cpu-peers-DATE.md
     python bench/bench_peers.py --configs gpt2_qk factors_512x8x64 --threads 1 --rounds 5
+    python bench/bench_peers.py --configs lora_r16_L32 gpt2_qk --optimizers adamw_fused \
+        stiefel_torch --threads 1 2 --rounds 31 --interleave
 """
 from __future__ import annotations
 
@@ -367,6 +376,65 @@ def time_one(kind: str, cfg: Config, data, device, rounds: int, warmup: int, max
     return out
 
 
+def time_interleaved(kinds: list[str], cfg: Config, data, device, rounds: int, warmup: int,
+                     max_step_s: float) -> dict[str, dict]:
+    """``time_one`` for every kind at once, in turns (``--interleave``): each entry also has
+    ``paired_ratio``, the median over the rounds of its step time over fused AdamW's in the
+    same round."""
+    out: dict[str, dict] = {}
+    steppers = {}
+    for kind in kinds:
+        reason = why_not(kind, cfg, device)
+        if reason:
+            out[kind] = {"skip": reason}
+            continue
+        try:
+            stepper = build(kind, cfg, data)
+            _sync(device)
+            t0 = time.perf_counter()
+            stepper.step()
+            _sync(device)
+            first = time.perf_counter() - t0
+            if first > max_step_s:
+                out[kind] = {"skip": f"skipped: first step took {first:.1f} s (> {max_step_s:.0f} s)"}
+                continue
+            for _ in range(max(0, warmup - 1)):
+                stepper.step()
+            _sync(device)
+            steppers[kind] = stepper
+            out[kind] = {"first_step_s": first}
+        except Exception as exc:  # noqa: BLE001  (reported in the table, not fatal)
+            out[kind] = {"skip": f"failed: {type(exc).__name__}: {str(exc)[:100]}"}
+    live = list(steppers)
+    times = {k: [] for k in live}
+    faults = dict.fromkeys(live, 0)
+    try:
+        for i in range(rounds):
+            for j in range(len(live)):
+                kind = live[(i + j) % len(live)]
+                flt0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                t0 = time.perf_counter()
+                steppers[kind].step()
+                _sync(device)
+                times[kind].append((time.perf_counter() - t0) * 1e3)
+                faults[kind] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt0
+        base = times.get("adamw_fused")
+        for kind in live:
+            t = times[kind]
+            out[kind].update({"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t),
+                              "rounds": rounds, "faults_per_step": faults[kind] / rounds,
+                              "state_bytes": state_bytes(steppers[kind])})
+            if base:
+                out[kind]["paired_ratio"] = statistics.median(a / b for a, b in zip(t, base))
+    except Exception as exc:  # noqa: BLE001
+        for kind in live:
+            out[kind] = {"skip": f"failed: {type(exc).__name__}: {str(exc)[:100]}"}
+    finally:
+        steppers.clear()
+        gc.collect()
+    return out
+
+
 # ----------------------------------------------------------------------------- machine load
 def wait_quiet(max_pressure: float, max_wait: float) -> float:
     """Sleep (idle, so this process adds nothing) until the CPU pressure of the last 10 s is at
@@ -419,7 +487,8 @@ def _cell(r: dict | None, base: float | None) -> str:
         return "–"
     if "skip" in r:
         return _short(r["skip"])
-    ratio = f" ({r['median_ms'] / base:.1f}×)" if base else ""
+    paired = r.get("paired_ratio")
+    ratio = f" ({paired:.1f}×)" if paired is not None else (f" ({r['median_ms'] / base:.1f}×)" if base else "")
     return f"{r['median_ms']:.1f}{ratio}" if r["median_ms"] >= 10 else f"{r['median_ms']:.2f}{ratio}"
 
 
@@ -440,7 +509,9 @@ def markdown(report: dict) -> str:
              f"{env['stiefel_kernels']} (native CPU passes: {'built' if env['native_cpu_passes'] else 'not built'}), "
              f"geoopt {env['geoopt']}, PEFT {env['peft']}, Python {env['python']}; {env['date']}. "
              f"Step alone (gradients pre-filled, no forward/backward), {report['warmup']} warm-up steps, "
-             f"median of {report['rounds']} rounds, one process, lr {LR}, fp32.",
+             f"median of {report['rounds']} rounds, one process, lr {LR}, fp32"
+             + (" (optimizers timed in turns; × fused: median of the per-round ratios)."
+                if report.get("interleave") else "."),
              "", f"Load average at start (1/5/15 min): "
                  + "/".join(f"{x:.2f}" for x in env["load_start"]) + "; per config below "
                  "(it includes this benchmark's own threads). CPU pressure: /proc/pressure/cpu 'some', the "
@@ -481,8 +552,9 @@ def markdown(report: dict) -> str:
                     cells += [t["skip"] if t else "–", "", ""]
                     continue
                 sb = t["state_bytes"]
+                ratio = t.get("paired_ratio", t["median_ms"] / base if base else None)
                 cells += [f"{t['median_ms']:.2f} ({t['min_ms']:.2f})",
-                          f"{t['median_ms'] / base:.2f}" if base else "-", f"{t['faults_per_step']:.0f}"]
+                          f"{ratio:.2f}" if ratio is not None else "-", f"{t['faults_per_step']:.0f}"]
             lines.append(f"| {LABELS[k]} | {sb / 1e6:.1f} | " if sb is not None else f"| {LABELS[k]} | – | ")
             lines[-1] += " | ".join(cells) + " |"
         lines.append("")
@@ -504,6 +576,8 @@ def main(argv=None) -> int:
                     help="before each config/thread block, wait idle until /proc/pressure/cpu "
                          "'some avg10' is at most this (%%), up to --max-wait s")
     ap.add_argument("--max-wait", type=float, default=120.0)
+    ap.add_argument("--interleave", action="store_true",
+                    help="time the optimizers of a config in turns, round by round (paired ratios)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", type=Path, default=None, help="also write the Markdown here")
     args = ap.parse_args(argv)
@@ -517,7 +591,7 @@ def main(argv=None) -> int:
     if "adamw_fused" not in kinds:
         kinds = ["adamw_fused"] + kinds  # the baseline of every ratio
     report = {"environment": environment(device), "rounds": args.rounds, "warmup": args.warmup,
-              "max_pressure": args.max_pressure, "max_wait": args.max_wait,
+              "max_pressure": args.max_pressure, "max_wait": args.max_wait, "interleave": args.interleave,
               "threads": args.threads, "configs": args.configs, "optimizers": kinds, "results": []}
     t_start = time.perf_counter()
     for name in args.configs:
@@ -533,7 +607,14 @@ def main(argv=None) -> int:
             row = {"config": name, "note": cfg.case.note, "threads": threads, "load": os.getloadavg(),
                    "waited_s": waited, "pressure_before": psi0[0] if psi0 else None, "steps": {}}
             t_block = time.perf_counter()
-            for kind in kinds:
+            if args.interleave:
+                row["steps"] = time_interleaved(kinds, cfg, data, device, args.rounds, args.warmup,
+                                                args.max_step_s)
+                for kind, res in row["steps"].items():
+                    msg = res.get("skip") or f"{res['median_ms']:.2f} ms"
+                    print(f"[{name} @ {threads} thr] {LABELS[kind]}: {msg} (interleaved, total "
+                          f"{time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
+            for kind in ([] if args.interleave else kinds):
                 t0 = time.perf_counter()
                 row["steps"][kind] = res = time_one(kind, cfg, data, device, args.rounds, args.warmup,
                                                     args.max_step_s)
