@@ -36,6 +36,7 @@
 #include <tuple>
 #include <vector>
 
+#include "out_checks.h"
 #include "small_matmul.h"
 
 namespace stiefel_kernels {
@@ -326,10 +327,9 @@ SK_INLINE void run_range(const Args& a, int64_t begin, int64_t end) {
 SK_CLONES void range_f32(const Args& a, int64_t begin, int64_t end) { run_range<float>(a, begin, end); }
 SK_CLONES void range_f64(const Args& a, int64_t begin, int64_t end) { run_range<double>(a, begin, end); }
 
-std::tuple<at::Tensor, at::Tensor> cayley_fp_step_cpu(const at::Tensor& k, const at::Tensor& g,
-                                                      const at::Tensor& h, const at::Tensor& lr,
-                                                      int64_t iters, double tol) {
-  const char* op = "stiefel_kernels::cayley_fp_step";
+// The checks of both ops; k, g, h: (F, r, r).
+void check_args(const char* op, const at::Tensor& k, const at::Tensor& g, const at::Tensor& h,
+                const at::Tensor& lr, int64_t iters) {
   TORCH_CHECK(k.dim() == 3 && k.size(1) == k.size(2), op, ": expected k of shape (F, r, r), got ",
               k.sizes());
   TORCH_CHECK(g.sizes() == k.sizes() && h.sizes() == k.sizes(), op, ": k, g, h must have one shape, got ",
@@ -341,10 +341,13 @@ std::tuple<at::Tensor, at::Tensor> cayley_fp_step_cpu(const at::Tensor& k, const
   TORCH_CHECK(lr.numel() == 1 || lr.numel() == k.size(0), op, ": lr must have 1 or F = ", k.size(0),
               " elements, got ", lr.numel());
   TORCH_CHECK(iters >= 1, op, ": iters must be >= 1, got ", iters);
+}
+
+// C, E into c, e (contiguous (F, r, r), k's dtype).
+void run_step(const at::Tensor& k, const at::Tensor& g, const at::Tensor& h, const at::Tensor& lr,
+              int64_t iters, double tol, const at::Tensor& c, const at::Tensor& e) {
   const int64_t nf = k.size(0), r = k.size(1);
-  at::Tensor c = at::empty({nf, r, r}, k.options());
-  at::Tensor e = at::empty({nf, r, r}, k.options());
-  if (nf == 0 || r == 0) return {c, e};
+  if (nf == 0 || r == 0) return;
   // k, g, h: one layout (the views of pass 1's (F, 3, r, r) output), else contiguous copies
   at::Tensor kk = k, gg = g, hh = h;
   if (g.strides() != k.strides() || h.strides() != k.strides()) {
@@ -363,7 +366,35 @@ std::tuple<at::Tensor, at::Tensor> cayley_fp_step_cpu(const at::Tensor& k, const
       range_f32(a, begin, end);
     }
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> cayley_fp_step_cpu(const at::Tensor& k, const at::Tensor& g,
+                                                      const at::Tensor& h, const at::Tensor& lr,
+                                                      int64_t iters, double tol) {
+  check_args("stiefel_kernels::cayley_fp_step", k, g, h, lr, iters);
+  at::Tensor c = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor e = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  run_step(k, g, h, lr, iters, tol, c, e);
   return {c, e};
+}
+
+// cayley_fp_step into a caller's c, e (an optimizer keeps them per bucket: no 2 x (F, r, r)
+// allocation per step).
+void cayley_fp_step_into_cpu(const at::Tensor& k, const at::Tensor& g, const at::Tensor& h, const at::Tensor& lr,
+                             int64_t iters, double tol, const at::Tensor& c, const at::Tensor& e) {
+  const char* op = "stiefel_kernels::cayley_fp_step_into";
+  check_args(op, k, g, h, lr, iters);
+  for (const at::Tensor* t : {&c, &e}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == k.scalar_type() && t->sizes() == k.sizes() &&
+                    t->is_contiguous(),
+                op, ": c and e must be contiguous CPU tensors of k's shape ", k.sizes(), " and dtype ",
+                k.scalar_type(), ", got ", t->sizes(), ", ", t->scalar_type(),
+                t->is_contiguous() ? "" : ", not contiguous", ", on ", t->device());
+    for (const at::Tensor* in : {&k, &g, &h, &lr})
+      TORCH_CHECK(!may_share_memory(*t, *in), op, ": c and e must not share memory with k, g, h or lr");
+  }
+  TORCH_CHECK(!may_share_memory(c, e), op, ": c and e must not share memory");
+  run_step(k, g, h, lr, iters, tol, c, e);
 }
 
 }  // namespace
@@ -371,4 +402,5 @@ std::tuple<at::Tensor, at::Tensor> cayley_fp_step_cpu(const at::Tensor& k, const
 
 TORCH_LIBRARY_IMPL(stiefel_kernels, CPU, m) {
   m.impl("cayley_fp_step", &stiefel_kernels::cayley_fp_step_cpu);
+  m.impl("cayley_fp_step_into", &stiefel_kernels::cayley_fp_step_into_cpu);
 }

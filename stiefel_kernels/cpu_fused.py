@@ -109,7 +109,7 @@ def _hyper(hp, name: str):
 
 def pass1(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
           exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor] | None, bc: Tensor,
-          hp, *, row_orthonormal: bool | None = None) -> Tensor:
+          hp, *, row_orthonormal: bool | None = None, out: Tensor | None = None) -> Tensor:
     """Pass 1 of a bucket: Adam moments in place and the Gram matrices of ``X`` and ``D``.
 
     Args:
@@ -125,20 +125,26 @@ def pass1(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
             ``beta2``, ``eps``, ``amsgrad``, ``maximize``; a dict works too).
         row_orthonormal: orientation; default :func:`stiefel_kernels.geometry.is_row_orthonormal`
             of ``params[0].shape``.
+        out: where to write ``grams`` (contiguous, the shape and dtype below, sharing no memory
+            with the other arguments; ``stiefel_kernels::stiefel_adamw_pass1_into``): a buffer
+            kept from step to step, so that no ``(P, *batch, 3, r, r)`` tensor is allocated.
     Returns:
         ``grams`` of shape ``(P, *batch, 3, r, r)`` in the working dtype: ``K = X^T X``,
         ``G = X^T D``, ``H = D^T D`` along dim ``-3`` (``grams.unbind(-3)``); ``(0, 3, 0, 0)``
-        for empty lists.
+        for empty lists. ``out`` itself when given.
     """
     params = list(params)
     if row_orthonormal is None:
         row_orthonormal = bool(params) and is_row_orthonormal(params[0].shape)
     amsgrad = bool(_hyper(hp, "amsgrad"))
     maxs = list(max_exp_avg_sqs) if (amsgrad and max_exp_avg_sqs is not None) else []
-    return _OPS.stiefel_adamw_pass1(
-        params, list(grads), list(exp_avgs), list(exp_avg_sqs), maxs, bc,
-        float(_hyper(hp, "beta1")), float(_hyper(hp, "beta2")), float(_hyper(hp, "eps")),
-        amsgrad, bool(_hyper(hp, "maximize")), bool(row_orthonormal))
+    args = (params, list(grads), list(exp_avgs), list(exp_avg_sqs), maxs, bc,
+            float(_hyper(hp, "beta1")), float(_hyper(hp, "beta2")), float(_hyper(hp, "eps")),
+            amsgrad, bool(_hyper(hp, "maximize")), bool(row_orthonormal))
+    if out is None:
+        return _OPS.stiefel_adamw_pass1(*args)
+    _OPS.stiefel_adamw_pass1_into(*args, out)
+    return out
 
 
 def pass2(params: Sequence[Tensor], exp_avgs: Sequence[Tensor],

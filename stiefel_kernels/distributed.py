@@ -227,7 +227,8 @@ _GATHER_WARNED: set = set()
 
 def backend_step(backend: Any, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                  exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
-                 state_steps: list[Tensor], hp: Any, telemetry: list | None = None) -> Tensor | None:
+                 state_steps: list[Tensor], hp: Any, telemetry: list | None = None,
+                 workspace: dict | None = None) -> Tensor | None:
     """One Stiefel step of ``backend`` over a list that may hold DTensors: the one place where
     sharding is handled (``StiefelAdamW`` calls it for every Stiefel step; backends only ever see
     plain tensors).
@@ -246,8 +247,11 @@ def backend_step(backend: Any, params: list[Tensor], grads: list[Tensor], exp_av
       (backend, shape, placements) since it moves the whole factor;
     * plain tensors: ``backend.step`` as usual.
 
-    ``telemetry`` is passed on to backends that declare ``reports_telemetry``."""
+    ``telemetry`` is passed on to backends that declare ``reports_telemetry``, ``workspace`` to
+    those that declare ``keeps_workspace``."""
     kw = {"telemetry": telemetry} if telemetry is not None and getattr(backend, "reports_telemetry", False) else {}
+    if workspace is not None and getattr(backend, "keeps_workspace", False):
+        kw["workspace"] = workspace
     if not has_dtensor(params):
         return backend.step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp, **kw)
     local_ok = bool(getattr(backend, "steps_local_shards", False))
@@ -274,7 +278,7 @@ def backend_step(backend: Any, params: list[Tensor], grads: list[Tensor], exp_av
                 warnings.warn(f"Stiefel factor of shape {tuple(ps[0].shape)} with placements "
                               f"{layout.placements} {why}: each step gathers it (full_tensor) on "
                               "every rank", stacklevel=3)
-            count = gathered_step(backend.step, ps, gs, ms, vs, mx, st, hp, **kw)
+            count = gathered_step(backend.step, ps, gs, ms, vs, mx, st, hp, telemetry=kw.get("telemetry"))
         else:
             count = backend.step(
                 [p.to_local() for p in ps],

@@ -416,6 +416,7 @@ def step_coefficients(
     tol: float,
     cayley_iters: int = 2,
     ns_steps: int = 6,
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The optimizer's ``r x r`` step: :func:`retraction_coefficients`, then the
     :func:`orthonormality_correction` folded into ``(C, E)`` (every retraction: ``qr`` and
@@ -425,15 +426,24 @@ def step_coefficients(
     the extension has it (csrc/cayley_step_cpu.cpp: the same math factor by factor, with each
     factor's own correction step count), otherwise as :func:`_step_coefficients_torch`.
 
+    ``out``: two contiguous tensors of ``k``'s shape and dtype, sharing no memory with ``k, g,
+    h``, that the native op writes ``C, E`` into (``stiefel_kernels::cayley_fp_step_into``) and
+    that are then returned: buffers a caller keeps from step to step. The other paths allocate
+    their results and leave ``out`` alone.
+
     Returns ``(C, E, info)`` as :func:`retraction_coefficients`.
     """
     retraction = canonical_retraction(retraction)
     if (retraction == "cayley_fp" and cayley_iters >= 1 and k.device.type == "cpu"
             and _NATIVE_CAYLEY_STEP and k.dtype in (torch.float32, torch.float64)):
         r = k.shape[-1]
-        c, e = torch.ops.stiefel_kernels.cayley_fp_step(
-            k.reshape(-1, r, r), g.reshape(-1, r, r), h.reshape(-1, r, r), _flat_lr(lr, k),
-            cayley_iters, float(tol))
+        args = (k.reshape(-1, r, r), g.reshape(-1, r, r), h.reshape(-1, r, r), _flat_lr(lr, k),
+                cayley_iters, float(tol))
+        if out is None:
+            c, e = torch.ops.stiefel_kernels.cayley_fp_step(*args)
+        else:
+            c, e = out
+            torch.ops.stiefel_kernels.cayley_fp_step_into(*args, c.view(-1, r, r), e.view(-1, r, r))
         info = torch.zeros(k.shape[:-2], dtype=torch.int32, device=k.device)
         return c.reshape(k.shape), e.reshape(k.shape), info
     return _step_coefficients_torch(k, g, h, lr, retraction, tol=tol, cayley_iters=cayley_iters,

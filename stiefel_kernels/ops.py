@@ -161,10 +161,13 @@ _LIB = _register("DEF", OPS, _SCHEMAS, _DEFAULTS, _FAKES)
 # * ``stiefel_adamw_pass2(params, exp_avgs, exp_avg_sqs, bc, c, e, eps, row_orthonormal)``:
 #   ``X <- X + (X (C - I) + D E)`` in place (``c`` is ``C``, not ``C - I``; ``exp_avg_sqs`` is
 #   the ``max_exp_avg_sqs`` list with AMSGrad).
+# * ``stiefel_adamw_pass1_into(..., grams)``: pass 1 into a caller's ``grams`` (contiguous, the
+#   shape and dtype pass 1 returns, no memory shared with the inputs): an optimizer keeps one
+#   per bucket instead of allocating ``(P, *batch, 3, r, r)`` at every step.
 
 #: the fused-pass operators, ``torch.ops.stiefel_kernels.<name>`` (kept apart from :data:`OPS`,
 #: the small-matrix ops)
-FUSED_OPS = ("stiefel_adamw_pass1", "stiefel_adamw_pass2")
+FUSED_OPS = ("stiefel_adamw_pass1", "stiefel_adamw_pass2", "stiefel_adamw_pass1_into")
 _FUSED_SCHEMAS = {
     "stiefel_adamw_pass1": (
         "stiefel_adamw_pass1(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, "
@@ -173,6 +176,11 @@ _FUSED_SCHEMAS = {
     "stiefel_adamw_pass2": (
         "stiefel_adamw_pass2(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
         "Tensor bc, Tensor c, Tensor e, float eps, bool row_orthonormal) -> ()"),
+    "stiefel_adamw_pass1_into": (
+        "stiefel_adamw_pass1_into(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, "
+        "Tensor(b!)[] exp_avg_sqs, Tensor(c!)[] max_exp_avg_sqs, Tensor bc, float beta1, "
+        "float beta2, float eps, bool amsgrad, bool maximize, bool row_orthonormal, "
+        "Tensor(d!) grams) -> ()"),
 }
 
 
@@ -264,10 +272,36 @@ def _stiefel_adamw_pass2_fake(params, exp_avgs, exp_avg_sqs, bc, c, e, eps, row_
     return None
 
 
+def _check_out(op: str, name: str, out: Tensor, shape, dtype: torch.dtype) -> None:
+    """An ``_into`` op's output buffer: contiguous, the shape and dtype the op would return."""
+    torch._check(tuple(out.shape) == tuple(shape) and out.dtype == dtype and out.is_contiguous(),
+                 lambda: f"stiefel_kernels::{op}: {name} must be a contiguous tensor of shape "
+                 f"{tuple(shape)} and dtype {dtype}, got {tuple(out.shape)}, {out.dtype}"
+                 + ("" if out.is_contiguous() else ", not contiguous"))
+
+
+def _stiefel_adamw_pass1_into_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc,
+                                   beta1, beta2, eps, amsgrad, maximize, row_orthonormal, grams):
+    want = _stiefel_adamw_pass1_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc,
+                                     beta1, beta2, eps, amsgrad, maximize, row_orthonormal)
+    _check_out("stiefel_adamw_pass1_into", "grams", grams, want.shape,
+               want.dtype if len(params) else grams.dtype)
+
+
+def _stiefel_adamw_pass1_into_default(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc,
+                                      beta1, beta2, eps, amsgrad, maximize, row_orthonormal, grams):
+    _stiefel_adamw_pass1_into_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc,
+                                   beta1, beta2, eps, amsgrad, maximize, row_orthonormal, grams)
+    grams.copy_(_stiefel_adamw_pass1_default(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                             bc, beta1, beta2, eps, amsgrad, maximize, row_orthonormal))
+
+
 _FUSED_DEFAULTS = {"stiefel_adamw_pass1": _stiefel_adamw_pass1_default,
-                   "stiefel_adamw_pass2": _stiefel_adamw_pass2_default}
+                   "stiefel_adamw_pass2": _stiefel_adamw_pass2_default,
+                   "stiefel_adamw_pass1_into": _stiefel_adamw_pass1_into_default}
 _FUSED_FAKES = {"stiefel_adamw_pass1": _stiefel_adamw_pass1_fake,
-                "stiefel_adamw_pass2": _stiefel_adamw_pass2_fake}
+                "stiefel_adamw_pass2": _stiefel_adamw_pass2_fake,
+                "stiefel_adamw_pass1_into": _stiefel_adamw_pass1_into_fake}
 
 
 _FUSED_LIB = _register("FRAGMENT", FUSED_OPS, _FUSED_SCHEMAS, _FUSED_DEFAULTS, _FUSED_FAKES)
@@ -327,10 +361,14 @@ _SMALL_BMM_LIB = _register("FRAGMENT", SMALL_BMM_OPS, _SMALL_BMM_SCHEMAS,
 # default kernel is the torch formulation (:func:`stiefel_kernels.gram._step_coefficients_torch`);
 # the CPU kernel (csrc/cayley_step_cpu.cpp) runs it factor by factor in a per-thread workspace.
 
-#: the small-step operator, ``torch.ops.stiefel_kernels.cayley_fp_step``
-CAYLEY_STEP_OPS = ("cayley_fp_step",)
+#: the small-step operators, ``torch.ops.stiefel_kernels.cayley_fp_step`` and its ``_into`` form
+#: (``C, E`` into a caller's contiguous ``c, e`` of ``k``'s shape and dtype, sharing no memory
+#: with the inputs: an optimizer keeps them per bucket)
+CAYLEY_STEP_OPS = ("cayley_fp_step", "cayley_fp_step_into")
 _CAYLEY_STEP_SCHEMAS = {
-    "cayley_fp_step": "cayley_fp_step(Tensor k, Tensor g, Tensor h, Tensor lr, int iters, float tol) -> (Tensor, Tensor)"}
+    "cayley_fp_step": "cayley_fp_step(Tensor k, Tensor g, Tensor h, Tensor lr, int iters, float tol) -> (Tensor, Tensor)",
+    "cayley_fp_step_into": ("cayley_fp_step_into(Tensor k, Tensor g, Tensor h, Tensor lr, int iters, "
+                            "float tol, Tensor(a!) c, Tensor(b!) e) -> ()")}
 
 
 def _check_cayley_fp_step(k: Tensor, g: Tensor, h: Tensor, lr: Tensor, iters: int) -> None:
@@ -362,6 +400,23 @@ def _cayley_fp_step_fake(k: Tensor, g: Tensor, h: Tensor, lr: Tensor, iters: int
     return k.new_empty(k.shape), k.new_empty(k.shape)
 
 
+def _cayley_fp_step_into_fake(k: Tensor, g: Tensor, h: Tensor, lr: Tensor, iters: int, tol: float,
+                              c: Tensor, e: Tensor) -> None:
+    _check_cayley_fp_step(k, g, h, lr, iters)
+    for name, out in (("c", c), ("e", e)):
+        _check_out("cayley_fp_step_into", name, out, k.shape, k.dtype)
+
+
+def _cayley_fp_step_into_default(k: Tensor, g: Tensor, h: Tensor, lr: Tensor, iters: int,
+                                 tol: float, c: Tensor, e: Tensor) -> None:
+    _cayley_fp_step_into_fake(k, g, h, lr, iters, tol, c, e)
+    cc, ee = _cayley_fp_step_default(k, g, h, lr, iters, tol)
+    c.copy_(cc)
+    e.copy_(ee)
+
+
 _CAYLEY_STEP_LIB = _register("FRAGMENT", CAYLEY_STEP_OPS, _CAYLEY_STEP_SCHEMAS,
-                             {"cayley_fp_step": _cayley_fp_step_default},
-                             {"cayley_fp_step": _cayley_fp_step_fake})
+                             {"cayley_fp_step": _cayley_fp_step_default,
+                              "cayley_fp_step_into": _cayley_fp_step_into_default},
+                             {"cayley_fp_step": _cayley_fp_step_fake,
+                              "cayley_fp_step_into": _cayley_fp_step_into_fake})

@@ -234,6 +234,9 @@ class StiefelAdamW(Optimizer):
         self._validate_options(defaults, where="StiefelAdamW")
         self._retraction_failures: Tensor | None = None
         self._resolved_backends: dict[tuple, str] = {}
+        # per-bucket buffers of a backend's per-step intermediates (its keeps_workspace), kept
+        # from step to step; scratch, not state: not in state_dict, not pickled
+        self._workspace: dict = {}
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -247,6 +250,7 @@ class StiefelAdamW(Optimizer):
         super().__setstate__(state)
         # torch.optim pickles only defaults/state/param_groups: restore the caches
         self.__dict__.setdefault("_resolved_backends", {})
+        self.__dict__["_workspace"] = {}
         for group in self.param_groups:  # pickled before the option existed
             group.setdefault("master_weights", False)
         self._retraction_failures = failures
@@ -659,7 +663,8 @@ class StiefelAdamW(Optimizer):
                 backends.get_backend(name), params, grads, [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
-                [s["step"] for s in states], hp, telemetry=self._orthogonality)
+                [s["step"] for s in states], hp, telemetry=self._orthogonality,
+                workspace=self._workspace)
             if halves:  # the factors take their master copy's rounding (shard by shard: DTensors
                 # have no _foreach_copy_, and a master is sharded like its factor)
                 local = distributed.local_tensor

@@ -224,3 +224,71 @@ def test_opcheck():
         torch.library.opcheck(OPS.cayley_fp_step.default, (k, g, h, torch.tensor([1e-2]), 2, 1e-6))
         torch.library.opcheck(OPS.cayley_fp_step.default,
                               (k, g, h, torch.tensor([1e-2, 0.1, 1.0], dtype=F64), 1, 1e-6))
+
+
+# ------------------------------------------------------------------ cayley_fp_step_into
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_into_writes_the_same_bits(gen, dtype):
+    """C, E into caller buffers (first filled with NaN: every element must be written) are the
+    allocating op's, bit for bit; K, G, H as strided views of one (F, 3, r, r) buffer, as the
+    optimizer passes them."""
+    k, g, h = grams(gen, (5,), 40, 16, dtype, drifts=[0.0, 1e-5, 1e-3, 0.0, 0.05])
+    kgh = torch.stack([k, g, h], dim=1)
+    k, g, h = kgh.unbind(1)
+    lr = torch.tensor([1e-2, 0.1, 1.0, 3.0, 1e-3], dtype=F64)
+    want_c, want_e = OPS.cayley_fp_step(k, g, h, lr, 2, 1e-6)
+    c = torch.full_like(want_c, float("nan"))
+    e = torch.full_like(want_e, float("nan"))
+    assert OPS.cayley_fp_step_into(k, g, h, lr, 2, 1e-6, c, e) is None
+    assert torch.equal(c, want_c) and torch.equal(e, want_e)
+    # through step_coefficients(out=...): the buffers themselves come back
+    c2, e2 = torch.empty_like(c), torch.empty_like(e)
+    cc, ee, _ = gram.step_coefficients(k, g, h, lr.view(-1, 1, 1), "cayley_fp", tol=1e-6, out=(c2, e2))
+    assert cc.data_ptr() == c2.data_ptr() and ee.data_ptr() == e2.data_ptr()
+    assert torch.equal(cc, want_c) and torch.equal(ee, want_e)
+
+
+def test_into_rejects_bad_buffers(gen):
+    k, g, h = grams(gen, (3,), 20, 4, torch.float32, drifts=[0.0, 1e-3, 0.0])
+    lr = torch.tensor([1e-2])
+    ok = torch.empty(3, 4, 4)
+    bad = {
+        "shape": (torch.empty(3, 4, 5), ok, "must be contiguous CPU tensors of k's shape"),
+        "dtype": (torch.empty(3, 4, 4, dtype=F64), ok, "must be contiguous CPU tensors of k's shape"),
+        "layout": (torch.empty(3, 4, 4).mT, ok, "must be contiguous CPU tensors of k's shape"),
+        "same": (ok, ok, "c and e must not share memory"),
+    }
+    for name, (c, e, match) in bad.items():
+        with pytest.raises(RuntimeError, match=match):
+            OPS.cayley_fp_step_into(k, g, h, lr, 2, 1e-6, c, e)
+    # an output over the inputs: C written over G would be read after it is written
+    kgh = torch.stack([k, g, h], dim=1).contiguous()
+    kk, gg, hh = kgh.unbind(1)
+    over = kgh.view(-1)[16:16 + 48].view(3, 4, 4)
+    with pytest.raises(RuntimeError, match="must not share memory with k, g, h or lr"):
+        OPS.cayley_fp_step_into(kk, gg, hh, lr, 2, 1e-6, over, torch.empty(3, 4, 4))
+
+
+def test_into_opcheck_and_fake_kernel():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, F64):
+        k, g, h = grams(gen, (3,), 20, 4, dtype, drifts=[0.0, 1e-3, 0.0])
+        c, e = torch.empty_like(k), torch.empty_like(k)
+        torch.library.opcheck(OPS.cayley_fp_step_into.default,
+                              (k, g, h, torch.tensor([1e-2, 0.1, 1.0], dtype=F64), 2, 1e-6, c, e))
+    with FakeTensorMode():
+        k = torch.empty(2, 4, 4)
+        with pytest.raises(RuntimeError, match="c must be a contiguous tensor of shape"):
+            OPS.cayley_fp_step_into(k, k, k, torch.empty(1), 2, 1e-6, torch.empty(2, 4, 5), torch.empty(2, 4, 4))
+
+
+def test_into_default_kernel_writes_the_torch_formulation(gen):
+    """The default kernel (other devices) writes what the allocating default gives."""
+    k, g, h = grams(gen, (4,), 30, 8, F64, drifts=[0.0, 1e-3, 0.0, 0.02])
+    lr = torch.tensor([1e-2])
+    want_c, want_e = ops._cayley_fp_step_default(k, g, h, lr, 2, 1e-10)
+    c, e = torch.empty_like(want_c), torch.empty_like(want_e)
+    ops._cayley_fp_step_into_default(k, g, h, lr, 2, 1e-10, c, e)
+    assert torch.equal(c, want_c) and torch.equal(e, want_e)

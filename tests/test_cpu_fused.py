@@ -476,3 +476,91 @@ def test_default_kernel_matches_native(gen):
     cpu_fused.pass2(ps, ms, maxs, bc, c, e, hp)
     ops._stiefel_adamw_pass2_default(rps, rms, rmax, bc, c, e, hp.eps, True)
     assert rel(torch.stack(ps), torch.stack(rps)) < RTOL[F32]
+
+
+# ------------------------------------------------------------------ stiefel_adamw_pass1_into
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=str)
+@pytest.mark.parametrize("shape,count", [((16, 300), 3), ((768, 64), 2), ((3, 6, 20), 2), ((5, 4100), 2)],
+                         ids=["wide", "tall", "stack", "two-chunks"])
+def test_pass1_into_writes_the_same_bits(gen, shape, count, dtype):
+    """Pass 1 into a caller's buffer (first filled with NaN: every element must be written) gives
+    the allocating op's grams and moments bit for bit, and returns the buffer."""
+    hp = hyper(amsgrad=True)
+    ps, gs, ms, vs, maxs = make_bucket(gen, shape, count, dtype, amsgrad=True)
+    _, _, bc = bias(count, gen)
+    rms, rvs, rmax = clone(ms), clone(vs), clone(maxs)
+    want = cpu_fused.pass1(ps, gs, rms, rvs, rmax, bc, hp)
+    out = torch.full_like(want, float("nan"))
+    got = cpu_fused.pass1(ps, gs, ms, vs, maxs, bc, hp, out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, want)
+    for a, b in zip(ms + vs + maxs, rms + rvs + rmax):
+        assert torch.equal(a, b)
+
+
+def test_pass1_into_rejects_bad_buffers(gen):
+    hp = hyper()
+    ps, gs, ms, vs, _ = make_bucket(gen, (40, 8), 2, F32)
+    _, _, bc = bias(2, gen)
+    for out, match in ((torch.empty(2, 3, 8, 7), "must be a contiguous CPU tensor of shape"),
+                       (torch.empty(2, 3, 8, 8, dtype=F64), "in the working dtype"),
+                       (torch.empty(2, 3, 8, 8).transpose(-1, -2), "not contiguous")):
+        with pytest.raises(RuntimeError, match=match):
+            cpu_fused.pass1(ps, gs, ms, vs, None, bc, hp, out=out)
+    # a buffer over a moment would be written while the moment is read
+    store = torch.zeros(2 * 3 * 8 * 8 + 40 * 8)
+    out = store[:2 * 3 * 8 * 8].view(2, 3, 8, 8)
+    ms[1] = store[2 * 3 * 8 * 8 - 1:2 * 3 * 8 * 8 - 1 + 40 * 8].view(40, 8)
+    with pytest.raises(RuntimeError, match="must not share memory"):
+        cpu_fused.pass1(ps, gs, ms, vs, None, bc, hp, out=out)
+
+
+def test_pass1_into_opcheck_and_default_kernel(gen):
+    from stiefel_kernels import ops
+
+    hp = hyper()
+    ps, gs, ms, vs, _ = make_bucket(gen, (6, 40), 2, F32)
+    _, _, bc = bias(2, gen)
+    out = torch.empty(2, 3, 6, 6)
+    torch.library.opcheck(torch.ops.stiefel_kernels.stiefel_adamw_pass1_into.default,
+                          (ps, gs, clone(ms), clone(vs), [], bc, 0.9, 0.999, 1e-8, False, False, True, out))
+    want = cpu_fused.pass1(ps, gs, clone(ms), clone(vs), None, bc, hp)
+    got = torch.empty_like(want)
+    ops._stiefel_adamw_pass1_into_default(ps, gs, clone(ms), clone(vs), [], bc, hp.beta1, hp.beta2,
+                                          hp.eps, False, False, True, got)
+    assert rel(got, want) < RTOL[F32]
+
+
+def test_optimizer_keeps_its_buckets_buffers_and_steps_the_same(gen):
+    """StiefelAdamW's workspace: the native path writes each bucket's grams, C, E and telemetry
+    scratch into buffers kept from step to step (the same storage at every step), and steps
+    bit for bit as without them (a workspace of None: every step allocates)."""
+    from stiefel_kernels import StiefelAdamW
+
+    def make():
+        g = torch.Generator().manual_seed(7)
+        a = [torch.nn.Parameter(torch.linalg.qr(torch.randn(300, 16, generator=g, dtype=F64))[0].mT
+                                .contiguous().float()) for _ in range(3)]
+        b = [torch.nn.Parameter(torch.linalg.qr(torch.randn(90, 8, generator=g, dtype=F64))[0].contiguous().float())
+             for _ in range(2)]
+        grads = [torch.randn(p.shape, generator=g) for p in a + b]
+        return a + b, grads
+
+    runs = []
+    for keep in (True, False):
+        params, grads = make()
+        opt = StiefelAdamW(params, lr=1e-2, stiefel=True, backend="torch")
+        if not keep:
+            opt._workspace = None
+        ptrs = []
+        for _ in range(3):
+            for p, gr in zip(params, grads):
+                p.grad = gr.clone()
+            opt.step()
+            if keep:
+                ptrs.append(sorted(t.data_ptr() for buf in opt._workspace.values() for t in buf))
+        if keep:
+            assert len(opt._workspace) == 2 and ptrs[0] == ptrs[1] == ptrs[2]
+        runs.append(([p.detach().clone() for p in params], opt.orthogonality_error()))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(a, b)
+    assert torch.equal(runs[0][1], runs[1][1])

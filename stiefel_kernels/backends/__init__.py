@@ -102,6 +102,9 @@ class FunctionBackend:
     #: ``step`` takes ``sharding=`` (a :class:`ShardGroup`): it steps local shards of factors
     #: sharded along their long side, calling ``sharding.reduce`` between its passes
     steps_local_shards: bool = False
+    #: ``step`` takes ``workspace=`` (a dict the caller keeps from step to step, in which the
+    #: backend keeps per-bucket buffers for its per-step intermediates instead of allocating them)
+    keeps_workspace: bool = False
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -208,14 +211,16 @@ def bias_corrections(state_steps: list[Tensor], beta1: float, beta2: float) -> t
 _REPEAT_INDEX: dict = {}
 
 
-def gram_orthogonality_error(k: Tensor) -> Tensor | None:
+def gram_orthogonality_error(k: Tensor, scratch: Tensor | None = None) -> Tensor | None:
     """Largest ``||K - I||_F`` over a batch of Gram matrices ``K = X^T X`` (``(..., r, r)``): the
     orthogonality error of the points a step starts from, read off the ``K`` the step computes
-    anyway (a 0-dim device tensor, no sync); ``None`` for an empty batch."""
+    anyway (a 0-dim device tensor, no sync); ``None`` for an empty batch. ``scratch``: a tensor
+    of ``k``'s shape and dtype for ``K - I`` (a caller's buffer), else one is allocated."""
     if k.numel() == 0:
         return None
     eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
-    return torch.linalg.matrix_norm(k - eye).amax().float()
+    diff = k - eye if scratch is None else torch.sub(k, eye, out=scratch)
+    return torch.linalg.matrix_norm(diff).amax().float()
 
 
 def advance_steps(state_steps: list[Tensor]) -> Tensor:

@@ -34,36 +34,68 @@ def unsupported_reason(param: Tensor) -> str | None:
     return None
 
 
+#: buckets whose buffers a workspace keeps at most (beyond it, e.g. when the set of factors with
+#: gradients changes from step to step, it starts over)
+_MAX_WORKSPACE_BUCKETS = 64
+
+
+def _bucket_buffers(workspace: dict | None, ps: list[Tensor], rows: bool) -> tuple[Tensor, ...] | None:
+    """The native path's per-step intermediates of a bucket, kept in ``workspace`` from step to
+    step: ``grams (P, *batch, 3, r, r)``, ``C``, ``E`` and ``K - I`` ``(P, *batch, r, r)``, in
+    the working dtype (GPT-2's 144 factors of 768 x 64: 14 MB, half the parameters' bytes, that
+    were allocated, and page-faulted in, at every step). ``None`` without a workspace."""
+    if workspace is None:
+        return None
+    p0 = ps[0]
+    key = ("torch/native", tuple(p0.shape), len(ps), p0.dtype, p0.device, rows)
+    buf = workspace.get(key)
+    if buf is None:
+        if len(workspace) >= _MAX_WORKSPACE_BUCKETS:
+            workspace.clear()
+        r = p0.shape[-2] if rows else p0.shape[-1]
+        lead = (len(ps), *p0.shape[:-2])
+        opts = {"dtype": state_dtype(p0), "device": p0.device}
+        buf = workspace[key] = (torch.empty(*lead, 3, r, r, **opts), torch.empty(*lead, r, r, **opts),
+                                torch.empty(*lead, r, r, **opts), torch.empty(*lead, r, r, **opts))
+    return buf
+
+
 def _native_bucket(ps, gs, ms, vs, maxs, steps, hp: StiefelHyperparams, rows: bool, sharding,
-                   telemetry: list | None) -> Tensor:
+                   telemetry: list | None, workspace: dict | None = None) -> Tensor:
     """One bucket through the native CPU passes; returns its failure count."""
     bc = bias_correction_tensor(advance_steps(steps), hp.beta1, hp.beta2, ps[0].device,
                                 dtype=torch.float64)
-    k, g, h = cpu_fused.pass1(ps, gs, ms, vs, maxs, bc, hp, row_orthonormal=rows).unbind(-3)
-    c, e, info = _small_step(k, g, h, hp, sharding, telemetry)
+    buf = _bucket_buffers(workspace, ps, rows)
+    grams = cpu_fused.pass1(ps, gs, ms, vs, maxs, bc, hp, row_orthonormal=rows,
+                            out=None if buf is None else buf[0])
+    k, g, h = grams.unbind(-3)
+    c, e, info = _small_step(k, g, h, hp, sharding, telemetry, None if buf is None else buf[1:])
     cpu_fused.pass2(ps, ms, maxs if hp.amsgrad else vs, bc, c, e, hp, row_orthonormal=rows)
     return (info != 0).sum()
 
 
 def _small_step(k: Tensor, g: Tensor, h: Tensor, hp: StiefelHyperparams, sharding,
-                telemetry: list | None) -> tuple[Tensor, Tensor, Tensor]:
+                telemetry: list | None, buf: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Between the passes, for both formulations: the one all-reduce of a sharded bucket's
-    ``(K, G, H)``, the telemetry, and the ``r x r`` step; returns ``(C, E, info)``."""
+    ``(K, G, H)``, the telemetry, and the ``r x r`` step; returns ``(C, E, info)``. ``buf``:
+    the bucket's ``C, E, K - I`` buffers (:func:`_bucket_buffers`), or ``None``."""
     if sharding is not None:
         k, g, h = sharding.reduce_grams(k, g, h)
     if telemetry is not None:
-        err = gram_orthogonality_error(k)
+        err = gram_orthogonality_error(k, None if buf is None else buf[2])
         if err is not None:
             telemetry.append(err)
     return gram.step_coefficients(k, g, h, hp.lr, hp.retraction, tol=hp.drift_tol,
-                                  cayley_iters=hp.cayley_iters, ns_steps=hp.ns_steps)
+                                  cayley_iters=hp.cayley_iters, ns_steps=hp.ns_steps,
+                                  out=None if buf is None else buf[:2])
 
 
 @torch.no_grad()
 def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
          exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
          state_steps: list[Tensor], hp: StiefelHyperparams, *, sharding=None,
-         native_passes: bool = True, telemetry: list | None = None) -> Tensor | None:
+         native_passes: bool = True, telemetry: list | None = None,
+         workspace: dict | None = None) -> Tensor | None:
     """On the CPU, where the native extension has them (:mod:`stiefel_kernels.cpu_fused`), each
     bucket's two streaming passes run as the native ops ``stiefel_kernels::stiefel_adamw_pass1``
     / ``pass2`` (in place, nothing stacked); elsewhere, or with ``native_passes=False``, the
@@ -72,6 +104,10 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
 
     ``telemetry``: a list to which the step appends, per bucket, the largest ``||X^T X - I||_F``
     of its input factors (from the ``K`` it computes anyway; a 0-dim device tensor).
+
+    ``workspace``: a dict kept by the caller from step to step (``StiefelAdamW`` keeps one), in
+    which the native CPU path keeps each bucket's Gram matrices, ``C``, ``E`` and telemetry
+    scratch (:func:`_bucket_buffers`) instead of allocating them at every step.
 
     ``sharding`` (a :class:`~stiefel_kernels.backends.ShardGroup`, given by
     :func:`stiefel_kernels.distributed.backend_step` for factors sharded along their long side):
@@ -90,7 +126,8 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
             maxs = [max_exp_avg_sqs[i] for i in idx] if hp.amsgrad else []
             if (all(g.dtype == ps[0].dtype for g in g_in)
                     and cpu_fused.unsupported_reason(ps, g_in, ms, vs, maxs, row_orthonormal=rows) is None):
-                count = _native_bucket(ps, g_in, ms, vs, maxs, steps, hp, rows, sharding, telemetry)
+                count = _native_bucket(ps, g_in, ms, vs, maxs, steps, hp, rows, sharding, telemetry,
+                                       workspace)
                 failures = count if failures is None else failures + count
                 continue
         work = state_dtype(ps[0])
@@ -126,4 +163,4 @@ def step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
 
 
 BACKEND = FunctionBackend(name, unsupported_reason, step, reports_telemetry=True,
-                          steps_local_shards=True)
+                          steps_local_shards=True, keeps_workspace=True)
