@@ -168,7 +168,8 @@ def test_triton_steady_state_step_does_no_per_factor_work(gen, monkeypatch):
 @pytest.mark.slow
 def test_torch_backend_step_compiles_with_fullgraph(gen):
     """No graph break in the torch backend's step (bias corrections from device counters, no
-    float(step)); the compiled step equals the eager one within float32 rounding."""
+    float(step)), also with a workspace (the per-bucket buffers StiefelAdamW keeps); the compiled
+    step equals the eager one (no workspace: every step allocates) within float32 rounding."""
     torch._dynamo.reset()
     shapes = [(4, 32), (4, 32), (40, 5)]
     ps = [random_stiefel(*s, generator=gen) for s in shapes]
@@ -177,9 +178,10 @@ def test_torch_backend_step_compiles_with_fullgraph(gen):
     step = get_backend("torch").step
     compiled = torch.compile(step, fullgraph=True)
     hp = _hp()
+    workspace = {}
     for _ in range(2):
         gs = [torch.randn(s, generator=gen) for s in shapes]
-        compiled(ps, gs, *st_c, hp)
+        compiled(ps, gs, *st_c, hp, workspace=workspace)
         step(qs, gs, *st_e, hp)
     for p, q in zip(ps, qs):
         assert _rel(p, q) < 1e-5
