@@ -48,8 +48,9 @@ VM) do not move. Every optimizer's state lives at once (memory: their sum).
 
 Reported per config and thread count: median ms (and min), ratio to fused AdamW, minor page
 faults per step (``getrusage``; fresh pages touched by per-step temporaries), optimizer-state
-bytes (sum of ``nbytes`` of every tensor in ``optimizer.state``; StelLA's per-step cache of
-``X`` is transient and not counted). An optimizer whose first step takes more than
+bytes (sum of ``nbytes`` of every tensor in ``optimizer.state``, and of the per-bucket buffers
+StiefelAdamW keeps between steps, its ``_workspace``; StelLA's per-step cache of ``X`` is
+transient and not counted). An optimizer whose first step takes more than
 ``--max-step-s`` (20 s) is skipped on that config with the reason printed.
 
 Usage::
@@ -197,9 +198,12 @@ def state_bytes(opt) -> int:
         elif isinstance(x, (list, tuple)):
             for v in x:
                 walk(v)
+        elif callable(getattr(x, "tensors", None)):  # a bucket's buffers in the workspace
+            walk(x.tensors())
 
     for st in opt.state.values():
         walk(st)
+    walk(getattr(opt, "_workspace", None) or {})  # buffers StiefelAdamW keeps between steps
     return total
 
 

@@ -76,8 +76,8 @@ constexpr int64_t kWideScratchElems = 4096;
 // slice of the elementwise work every this many rows (gram_tall) / inner steps (apply_tall,
 // apply_wide) / vectors of the dot products (gram_wide), so that the out-of-order window holds
 // both kinds of work. Each hand-over spills the tile's accumulators: apply_tall hands over every
-// 16 steps, not 4 (GPT-2's 144 x 768 x 64 pass 2: 9.7 -> 9.1-9.2 ms at 1 thread; 32 measured the
-// same as 16), while apply_wide keeps 4 (LoRA r = 16, where r / 16 would be one hand-over).
+// 16 steps where r >= 16, not 4 (GPT-2's 144 x 768 x 64 pass 2: 9.7 -> 9.1-9.2 ms at 1 thread;
+// 32 measured the same as 16), while apply_wide keeps 4 (LoRA r = 16: fewer was slower).
 constexpr int64_t kTallRowsPerSlice = 16;
 constexpr int64_t kApplyTallStepsPerSlice = 16;
 constexpr int64_t kApplyRowsPerSlice = 4;
@@ -313,6 +313,12 @@ SK_INLINE void gram_wide(const S* __restrict x, int64_t sx, const S* __restrict 
 }
 
 // ----------------------------------------------------------------------- pass-2 micro-kernels
+// Inner steps of apply_tall between hand-overs: 16 where r >= 16 (each spills the tile's
+// accumulators), else 4 (so that a tile of a small r still hands over at all).
+constexpr int64_t apply_tall_interval(int64_t r) {
+  return r >= kApplyTallStepsPerSlice ? kApplyTallStepsPerSlice : kApplyRowsPerSlice;
+}
+
 // Tall: rows [0, nb) of x, d (rp columns) -> y = x + (x Cm + d E); Cm, E are rp x rp (zero pad).
 // Register tiles of 4 rows x NV vectors; each output element sums over i in order, the x term
 // before the d term of each i. y may be x (pass 2 writes in place when one tile spans a row):
@@ -322,6 +328,7 @@ SK_INLINE void apply_tall_tile(const S* x, const S* __restrict d, int64_t row0, 
                                int64_t r, int64_t rp, const S* __restrict cm, const S* __restrict e,
                                S* y, F&& between) {
   constexpr int W = VecOf<S>::W;
+  const int64_t mask = apply_tall_interval(r) - 1;
   vec<S> acc[4][NV];
   for (int a = 0; a < 4; ++a)
     for (int c = 0; c < NV; ++c) acc[a][c] = vec<S>{};
@@ -338,7 +345,7 @@ SK_INLINE void apply_tall_tile(const S* x, const S* __restrict d, int64_t row0, 
         acc[a][c] += da * ev[c];
       }
     }
-    if ((i & (kApplyTallStepsPerSlice - 1)) == kApplyTallStepsPerSlice - 1) between();
+    if ((i & mask) == mask) between();
   }
   for (int a = 0; a < 4; ++a)
     for (int c = 0; c < NV; ++c)
@@ -346,7 +353,7 @@ SK_INLINE void apply_tall_tile(const S* x, const S* __restrict d, int64_t row0, 
 }
 
 inline int64_t apply_tall_units(int64_t nb, int64_t r, int64_t rp, int W) {
-  return (nb + 3) / 4 * ((rp / W + 3) / 4) * (r / kApplyTallStepsPerSlice);
+  return (nb + 3) / 4 * ((rp / W + 3) / 4) * (r / apply_tall_interval(r));
 }
 
 template <typename S, typename F>
@@ -984,10 +991,10 @@ void stiefel_adamw_pass1_into_cpu(at::TensorList params, at::TensorList grads, a
               "stiefel_kernels::", op, ": grams must be a contiguous CPU tensor of shape ", at::IntArrayRef(want),
               " in the working dtype (float64 for float64 parameters, else float32), got shape ", grams.sizes(),
               ", ", grams.scalar_type(), grams.is_contiguous() ? "" : ", not contiguous", ", on ", grams.device());
-  for (at::TensorList list : {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs})
+  for (at::TensorList list : {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, at::TensorList(bc)})
     for (const at::Tensor& t : list)
       TORCH_CHECK(!may_share_memory(grams, t), "stiefel_kernels::", op,
-                  ": grams must not share memory with the parameters, gradients or moments");
+                  ": grams must not share memory with the parameters, gradients, moments or bc");
   if (bk.lists == 0) return;
   dispatch_pass1(bk, bc, beta1, beta2, eps, amsgrad, maximize, grams);
 }

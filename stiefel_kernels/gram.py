@@ -363,6 +363,15 @@ def correction_iters_for(drift: float, dtype: torch.dtype = torch.float64) -> in
 #: probed once at import (a constant for torch.compile): the native CPU kernel of
 #: ``stiefel_kernels::cayley_fp_step`` is registered
 _NATIVE_CAYLEY_STEP = _native.has_cpu_kernel("cayley_fp_step")
+_NATIVE_CAYLEY_STEP_INTO = _native.has_cpu_kernel("cayley_fp_step_into")
+
+
+def takes_native_step(k: Tensor, retraction: str, cayley_iters: int) -> bool:
+    """Whether :func:`step_coefficients` runs the native op ``cayley_fp_step`` on these Gram
+    matrices (so that its ``out=`` buffers are used)."""
+    return (canonical_retraction(retraction) == "cayley_fp" and cayley_iters >= 1
+            and k.device.type == "cpu" and _NATIVE_CAYLEY_STEP
+            and k.dtype in (torch.float32, torch.float64))
 
 
 def _host_branch_is_free(t: Tensor) -> bool:
@@ -434,12 +443,11 @@ def step_coefficients(
     Returns ``(C, E, info)`` as :func:`retraction_coefficients`.
     """
     retraction = canonical_retraction(retraction)
-    if (retraction == "cayley_fp" and cayley_iters >= 1 and k.device.type == "cpu"
-            and _NATIVE_CAYLEY_STEP and k.dtype in (torch.float32, torch.float64)):
+    if takes_native_step(k, retraction, cayley_iters):
         r = k.shape[-1]
         args = (k.reshape(-1, r, r), g.reshape(-1, r, r), h.reshape(-1, r, r), _flat_lr(lr, k),
                 cayley_iters, float(tol))
-        if out is None:
+        if out is None or not _NATIVE_CAYLEY_STEP_INTO:  # (an extension built before the op)
             c, e = torch.ops.stiefel_kernels.cayley_fp_step(*args)
         else:
             c, e = out

@@ -280,18 +280,53 @@ def _check_out(op: str, name: str, out: Tensor, shape, dtype: torch.dtype) -> No
                  + ("" if out.is_contiguous() else ", not contiguous"))
 
 
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` may share memory: one storage and intersecting address spans (the
+    test of csrc/out_checks.h, for the default kernels of the ``_into`` ops)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: Tensor) -> tuple[int, int]:
+        lo = sum(min(0, (n - 1) * st) for n, st in zip(t.shape, t.stride()))
+        hi = sum(max(0, (n - 1) * st) for n, st in zip(t.shape, t.stride()))
+        return t.data_ptr() + lo * t.element_size(), t.data_ptr() + (hi + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _check_out_apart(op: str, name: str, out: Tensor, inputs) -> None:
+    """An ``_into`` op's output buffer shares no memory with its inputs (it would be read after
+    it is written) and lives on their device."""
+    for t in inputs:
+        torch._check(out.device == t.device, lambda: f"stiefel_kernels::{op}: {name} must be on "
+                     f"the inputs' device {t.device}, got {out.device}")
+        torch._check(not _shares_memory(out, t), lambda: f"stiefel_kernels::{op}: {name} must not "
+                     "share memory with the inputs")
+
+
+def _pass1_into_checks(params, row_orthonormal: bool, grams: Tensor) -> None:
+    op = "stiefel_adamw_pass1_into"
+    if len(params) == 0:
+        _check_out(op, "grams", grams, (0, 3, 0, 0), grams.dtype)
+        return
+    batch, r = _fused_shape(params, row_orthonormal, op)
+    _check_out(op, "grams", grams, (len(params), *batch, 3, r, r),
+               _fused_working_dtype(params[0].dtype))
+
+
 def _stiefel_adamw_pass1_into_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc,
                                    beta1, beta2, eps, amsgrad, maximize, row_orthonormal, grams):
-    want = _stiefel_adamw_pass1_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc,
-                                     beta1, beta2, eps, amsgrad, maximize, row_orthonormal)
-    _check_out("stiefel_adamw_pass1_into", "grams", grams, want.shape,
-               want.dtype if len(params) else grams.dtype)
+    _pass1_into_checks(params, row_orthonormal, grams)
 
 
 def _stiefel_adamw_pass1_into_default(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc,
                                       beta1, beta2, eps, amsgrad, maximize, row_orthonormal, grams):
-    _stiefel_adamw_pass1_into_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, bc,
-                                   beta1, beta2, eps, amsgrad, maximize, row_orthonormal, grams)
+    _pass1_into_checks(params, row_orthonormal, grams)
+    _check_out_apart("stiefel_adamw_pass1_into", "grams", grams,
+                     [*params, *grads, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, bc])
     grams.copy_(_stiefel_adamw_pass1_default(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                              bc, beta1, beta2, eps, amsgrad, maximize, row_orthonormal))
 
@@ -410,6 +445,10 @@ def _cayley_fp_step_into_fake(k: Tensor, g: Tensor, h: Tensor, lr: Tensor, iters
 def _cayley_fp_step_into_default(k: Tensor, g: Tensor, h: Tensor, lr: Tensor, iters: int,
                                  tol: float, c: Tensor, e: Tensor) -> None:
     _cayley_fp_step_into_fake(k, g, h, lr, iters, tol, c, e)
+    for name, out in (("c", c), ("e", e)):
+        _check_out_apart("cayley_fp_step_into", name, out, (k, g, h))
+    torch._check(not _shares_memory(c, e), lambda: "stiefel_kernels::cayley_fp_step_into: c and e "
+                 "must not share memory")
     cc, ee = _cayley_fp_step_default(k, g, h, lr, iters, tol)
     c.copy_(cc)
     e.copy_(ee)

@@ -248,6 +248,19 @@ def test_into_writes_the_same_bits(gen, dtype):
     assert torch.equal(cc, want_c) and torch.equal(ee, want_e)
 
 
+def test_step_coefficients_without_the_into_kernel_allocates(gen, monkeypatch):
+    """An extension built before cayley_fp_step_into: step_coefficients leaves out= alone and
+    runs the allocating native op (not the _into op's pure-torch default)."""
+    k, g, h = grams(gen, (3,), 30, 8, torch.float32, drifts=[0.0, 1e-3, 0.0])
+    lr = torch.tensor(1e-2, dtype=F64)
+    want_c, want_e, _ = gram.step_coefficients(k, g, h, lr, "cayley_fp", tol=1e-6)
+    monkeypatch.setattr(gram, "_NATIVE_CAYLEY_STEP_INTO", False)
+    c, e = torch.zeros_like(k), torch.zeros_like(k)
+    cc, ee, _ = gram.step_coefficients(k, g, h, lr, "cayley_fp", tol=1e-6, out=(c, e))
+    assert torch.equal(cc, want_c) and torch.equal(ee, want_e)
+    assert not c.any() and not e.any()
+
+
 def test_into_rejects_bad_buffers(gen):
     k, g, h = grams(gen, (3,), 20, 4, torch.float32, drifts=[0.0, 1e-3, 0.0])
     lr = torch.tensor([1e-2])

@@ -506,12 +506,25 @@ def test_pass1_into_rejects_bad_buffers(gen):
                        (torch.empty(2, 3, 8, 8).transpose(-1, -2), "not contiguous")):
         with pytest.raises(RuntimeError, match=match):
             cpu_fused.pass1(ps, gs, ms, vs, None, bc, hp, out=out)
-    # a buffer over a moment would be written while the moment is read
+    # a buffer over a moment would be written while the moment is read; the default kernel
+    # (other devices) refuses it too
+    from stiefel_kernels import ops
+
     store = torch.zeros(2 * 3 * 8 * 8 + 40 * 8)
     out = store[:2 * 3 * 8 * 8].view(2, 3, 8, 8)
-    ms[1] = store[2 * 3 * 8 * 8 - 1:2 * 3 * 8 * 8 - 1 + 40 * 8].view(40, 8)
+    ms_over = [ms[0], store[2 * 3 * 8 * 8 - 1:2 * 3 * 8 * 8 - 1 + 40 * 8].view(40, 8)]
     with pytest.raises(RuntimeError, match="must not share memory"):
-        cpu_fused.pass1(ps, gs, ms, vs, None, bc, hp, out=out)
+        cpu_fused.pass1(ps, gs, ms_over, vs, None, bc, hp, out=out)
+    with pytest.raises(RuntimeError, match="must not share memory"):
+        ops._stiefel_adamw_pass1_into_default(ps, gs, ms_over, vs, [], bc, 0.9, 0.999, 1e-8, False,
+                                              False, False, out)
+    # ... and so is one over bc (read by every thread while others write grams)
+    raw = torch.zeros(16 * 2 + 4 * 2 * 3 * 8 * 8, dtype=torch.uint8)
+    bc_over = raw[:32].view(F64).view(2, 2)
+    bc_over.copy_(bc)
+    out = raw[8:8 + 4 * 2 * 3 * 8 * 8].view(F32).view(2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="must not share memory"):
+        cpu_fused.pass1(ps, gs, ms, vs, None, bc_over, hp, out=out)
 
 
 def test_pass1_into_opcheck_and_default_kernel(gen):
@@ -530,7 +543,7 @@ def test_pass1_into_opcheck_and_default_kernel(gen):
     assert rel(got, want) < RTOL[F32]
 
 
-def test_optimizer_keeps_its_buckets_buffers_and_steps_the_same(gen):
+def test_optimizer_keeps_its_buckets_buffers_and_steps_the_same(gen, monkeypatch):
     """StiefelAdamW's workspace: the native path writes each bucket's grams, C, E and telemetry
     scratch into buffers kept from step to step (the same storage at every step), and steps
     bit for bit as without them (a workspace of None: every step allocates)."""
@@ -546,21 +559,27 @@ def test_optimizer_keeps_its_buckets_buffers_and_steps_the_same(gen):
         return a + b, grads
 
     runs = []
-    for keep in (True, False):
+    for keep in (True, False, "extension without the _into ops"):
         params, grads = make()
         opt = StiefelAdamW(params, lr=1e-2, stiefel=True, backend="torch")
         if not keep:
             opt._workspace = None
+        if isinstance(keep, str):  # an extension built before them: nothing kept, same steps
+            monkeypatch.setattr(torch_backend, "_NATIVE_INTO", False)
+            keep = False
         ptrs = []
         for _ in range(3):
             for p, gr in zip(params, grads):
                 p.grad = gr.clone()
             opt.step()
             if keep:
-                ptrs.append(sorted(t.data_ptr() for buf in opt._workspace.values() for t in buf))
-        if keep:
-            assert len(opt._workspace) == 2 and ptrs[0] == ptrs[1] == ptrs[2]
+                ptrs.append(sorted(t.data_ptr() for buf in opt._workspace.values() for t in buf.tensors()))
+        if keep:  # per bucket: grams, C, E, K - I
+            assert len(opt._workspace) == 2 and len(ptrs[0]) == 8 and ptrs[0] == ptrs[1] == ptrs[2]
+        if opt._workspace is not None and not torch_backend._NATIVE_INTO:
+            assert opt._workspace == {}
         runs.append(([p.detach().clone() for p in params], opt.orthogonality_error()))
-    for a, b in zip(runs[0][0], runs[1][0]):
-        assert torch.equal(a, b)
-    assert torch.equal(runs[0][1], runs[1][1])
+    for other in runs[1:]:
+        for a, b in zip(runs[0][0], other[0]):
+            assert torch.equal(a, b)
+        assert torch.equal(runs[0][1], other[1])

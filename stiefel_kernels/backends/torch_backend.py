@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _buckets, cpu_fused, geometry, gram
+from .. import _buckets, _native, cpu_fused, geometry, gram
 from . import (FunctionBackend, StiefelHyperparams, advance_steps, bias_correction_tensor,
                gram_orthogonality_error, state_dtype)
 
@@ -37,14 +37,40 @@ def unsupported_reason(param: Tensor) -> str | None:
 #: buckets whose buffers a workspace keeps at most (beyond it, e.g. when the set of factors with
 #: gradients changes from step to step, it starts over)
 _MAX_WORKSPACE_BUCKETS = 64
+#: the native kernels that write into buffers (an extension built before them has only the
+#: allocating ops: then nothing is kept, rather than the ``_into`` ops' pure-torch default)
+_NATIVE_INTO = (_native.has_cpu_kernel("stiefel_adamw_pass1_into")
+                and _native.has_cpu_kernel("cayley_fp_step_into"))
 
 
-def _bucket_buffers(workspace: dict | None, ps: list[Tensor], rows: bool) -> tuple[Tensor, ...] | None:
-    """The native path's per-step intermediates of a bucket, kept in ``workspace`` from step to
-    step: ``grams (P, *batch, 3, r, r)``, ``C``, ``E`` and ``K - I`` ``(P, *batch, r, r)``, in
-    the working dtype (GPT-2's 144 factors of 768 x 64: 14 MB, half the parameters' bytes, that
-    were allocated, and page-faulted in, at every step). ``None`` without a workspace."""
-    if workspace is None:
+class _Buffers:
+    """One bucket's buffers in a workspace, each made at its first use: ``grams``
+    ``(P, *batch, 3, r, r)``, and ``c``, ``e``, ``k_minus_i`` ``(P, *batch, r, r)``, in the working
+    dtype (GPT-2's 144 factors of 768 x 64: 14 MB, half the parameters' bytes, that were
+    allocated, and page-faulted in, at every step)."""
+
+    def __init__(self, p0: Tensor, count: int, rows: bool):
+        r = p0.shape[-2] if rows else p0.shape[-1]
+        self._lead = (count, *p0.shape[:-2])
+        self._r = r
+        self._opts = {"dtype": state_dtype(p0), "device": p0.device}
+        self._made: dict[str, Tensor] = {}
+
+    def get(self, name: str) -> Tensor:
+        t = self._made.get(name)
+        if t is None:
+            shape = (*self._lead, 3, self._r, self._r) if name == "grams" else (*self._lead, self._r, self._r)
+            t = self._made[name] = torch.empty(shape, **self._opts)
+        return t
+
+    def tensors(self) -> list[Tensor]:
+        return list(self._made.values())
+
+
+def _bucket_buffers(workspace: dict | None, ps: list[Tensor], rows: bool) -> _Buffers | None:
+    """The bucket's :class:`_Buffers` in ``workspace`` (kept from step to step), or ``None``
+    without a workspace or without the native kernels that write into them."""
+    if workspace is None or not _NATIVE_INTO:
         return None
     p0 = ps[0]
     key = ("torch/native", tuple(p0.shape), len(ps), p0.dtype, p0.device, rows)
@@ -52,11 +78,7 @@ def _bucket_buffers(workspace: dict | None, ps: list[Tensor], rows: bool) -> tup
     if buf is None:
         if len(workspace) >= _MAX_WORKSPACE_BUCKETS:
             workspace.clear()
-        r = p0.shape[-2] if rows else p0.shape[-1]
-        lead = (len(ps), *p0.shape[:-2])
-        opts = {"dtype": state_dtype(p0), "device": p0.device}
-        buf = workspace[key] = (torch.empty(*lead, 3, r, r, **opts), torch.empty(*lead, r, r, **opts),
-                                torch.empty(*lead, r, r, **opts), torch.empty(*lead, r, r, **opts))
+        buf = workspace[key] = _Buffers(p0, len(ps), rows)
     return buf
 
 
@@ -67,27 +89,28 @@ def _native_bucket(ps, gs, ms, vs, maxs, steps, hp: StiefelHyperparams, rows: bo
                                 dtype=torch.float64)
     buf = _bucket_buffers(workspace, ps, rows)
     grams = cpu_fused.pass1(ps, gs, ms, vs, maxs, bc, hp, row_orthonormal=rows,
-                            out=None if buf is None else buf[0])
+                            out=None if buf is None else buf.get("grams"))
     k, g, h = grams.unbind(-3)
-    c, e, info = _small_step(k, g, h, hp, sharding, telemetry, None if buf is None else buf[1:])
+    c, e, info = _small_step(k, g, h, hp, sharding, telemetry, buf)
     cpu_fused.pass2(ps, ms, maxs if hp.amsgrad else vs, bc, c, e, hp, row_orthonormal=rows)
     return (info != 0).sum()
 
 
 def _small_step(k: Tensor, g: Tensor, h: Tensor, hp: StiefelHyperparams, sharding,
-                telemetry: list | None, buf: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                telemetry: list | None, buf: _Buffers | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Between the passes, for both formulations: the one all-reduce of a sharded bucket's
     ``(K, G, H)``, the telemetry, and the ``r x r`` step; returns ``(C, E, info)``. ``buf``:
-    the bucket's ``C, E, K - I`` buffers (:func:`_bucket_buffers`), or ``None``."""
+    the bucket's buffers (:func:`_bucket_buffers`), or ``None``."""
     if sharding is not None:
         k, g, h = sharding.reduce_grams(k, g, h)
     if telemetry is not None:
-        err = gram_orthogonality_error(k, None if buf is None else buf[2])
+        err = gram_orthogonality_error(k, None if buf is None else buf.get("k_minus_i"))
         if err is not None:
             telemetry.append(err)
+    native_step = buf is not None and gram.takes_native_step(k, hp.retraction, hp.cayley_iters)
     return gram.step_coefficients(k, g, h, hp.lr, hp.retraction, tol=hp.drift_tol,
                                   cayley_iters=hp.cayley_iters, ns_steps=hp.ns_steps,
-                                  out=None if buf is None else buf[:2])
+                                  out=(buf.get("c"), buf.get("e")) if native_step else None)
 
 
 @torch.no_grad()
