@@ -203,7 +203,8 @@ def state_bytes(opt) -> int:
 
     for st in opt.state.values():
         walk(st)
-    walk(getattr(opt, "_workspace", None) or {})  # buffers StiefelAdamW keeps between steps
+    inner = getattr(opt, "opt", opt)  # a stepper: its optimizer
+    walk(getattr(inner, "_workspace", None) or {})  # buffers StiefelAdamW keeps between steps
     return total
 
 

@@ -46,6 +46,8 @@ def test_interleaved_rounds_and_paired_ratios(monkeypatch):
         assert r["rounds"] == rounds and 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
         assert r["paired_ratio"] > 0 and r["state_bytes"] > 0
     assert res["adamw_fused"]["paired_ratio"] == 1.0  # each round's baseline over itself
+    # StiefelAdamW's bytes include the per-bucket buffers it keeps between steps (its workspace)
+    assert res["stiefel_torch"]["state_bytes"] > res["adamw_fused"]["state_bytes"]
     # warm-up (first step + warmup - 1) per kind, in order, then the rounds in turns, each round
     # starting one optimizer later
     timed = order[len(kinds) * warmup:]
