@@ -346,10 +346,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_one(kind: str, cfg: Config, data, device, rounds: int, warmup: int, max_step_s: float) -> dict:
+def _warm(kind: str, cfg: Config, data, device, warmup: int, max_step_s: float):
+    """A built optimizer after its ``warmup`` steps (the first allocates the state):
+    ``(stepper, {"first_step_s": ...})``, or ``(None, {"skip": why})``."""
     reason = why_not(kind, cfg, device)
     if reason:
-        return {"skip": reason}
+        return None, {"skip": reason}
     try:
         stepper = build(kind, cfg, data)
         _sync(device)
@@ -358,10 +360,26 @@ def time_one(kind: str, cfg: Config, data, device, rounds: int, warmup: int, max
         _sync(device)
         first = time.perf_counter() - t0
         if first > max_step_s:
-            return {"skip": f"skipped: first step took {first:.1f} s (> {max_step_s:.0f} s)"}
+            return None, {"skip": f"skipped: first step took {first:.1f} s (> {max_step_s:.0f} s)"}
         for _ in range(max(0, warmup - 1)):
             stepper.step()
         _sync(device)
+        return stepper, {"first_step_s": first}
+    except Exception as exc:  # noqa: BLE001  (reported in the table, not fatal)
+        return None, {"skip": f"failed: {type(exc).__name__}: {str(exc)[:100]}"}
+
+
+def _summary(times: list[float], faults: int, stepper) -> dict:
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "rounds": len(times), "faults_per_step": faults / len(times),
+            "state_bytes": state_bytes(stepper)}
+
+
+def time_one(kind: str, cfg: Config, data, device, rounds: int, warmup: int, max_step_s: float) -> dict:
+    stepper, out = _warm(kind, cfg, data, device, warmup, max_step_s)
+    if stepper is None:
+        return out
+    try:
         times = []
         flt0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(rounds):
@@ -369,10 +387,7 @@ def time_one(kind: str, cfg: Config, data, device, rounds: int, warmup: int, max
             stepper.step()
             _sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
-        flt = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt0) / rounds
-        out = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-               "rounds": rounds, "first_step_s": first, "faults_per_step": flt,
-               "state_bytes": state_bytes(stepper)}
+        out.update(_summary(times, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt0, stepper))
     except Exception as exc:  # noqa: BLE001  (reported in the table, not fatal)
         out = {"skip": f"failed: {type(exc).__name__}: {str(exc)[:100]}"}
     finally:
@@ -389,27 +404,9 @@ def time_interleaved(kinds: list[str], cfg: Config, data, device, rounds: int, w
     out: dict[str, dict] = {}
     steppers = {}
     for kind in kinds:
-        reason = why_not(kind, cfg, device)
-        if reason:
-            out[kind] = {"skip": reason}
-            continue
-        try:
-            stepper = build(kind, cfg, data)
-            _sync(device)
-            t0 = time.perf_counter()
-            stepper.step()
-            _sync(device)
-            first = time.perf_counter() - t0
-            if first > max_step_s:
-                out[kind] = {"skip": f"skipped: first step took {first:.1f} s (> {max_step_s:.0f} s)"}
-                continue
-            for _ in range(max(0, warmup - 1)):
-                stepper.step()
-            _sync(device)
+        stepper, out[kind] = _warm(kind, cfg, data, device, warmup, max_step_s)
+        if stepper is not None:
             steppers[kind] = stepper
-            out[kind] = {"first_step_s": first}
-        except Exception as exc:  # noqa: BLE001  (reported in the table, not fatal)
-            out[kind] = {"skip": f"failed: {type(exc).__name__}: {str(exc)[:100]}"}
     live = list(steppers)
     times = {k: [] for k in live}
     faults = dict.fromkeys(live, 0)
@@ -426,9 +423,7 @@ def time_interleaved(kinds: list[str], cfg: Config, data, device, rounds: int, w
         base = times.get("adamw_fused")
         for kind in live:
             t = times[kind]
-            out[kind].update({"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t),
-                              "rounds": rounds, "faults_per_step": faults[kind] / rounds,
-                              "state_bytes": state_bytes(steppers[kind])})
+            out[kind].update(_summary(t, faults[kind], steppers[kind]))
             if base:
                 out[kind]["paired_ratio"] = statistics.median(a / b for a, b in zip(t, base))
     except Exception as exc:  # noqa: BLE001

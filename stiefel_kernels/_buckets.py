@@ -82,10 +82,10 @@ def buckets(params: Sequence[Tensor], grads: Sequence[Tensor] | None = None, *,
     """Indices of ``params`` per bucket (:func:`group` of :func:`bucket_key`); with ``grads``
     the gradient dtype is part of the key."""
     if grads is None and not column_form and not torch.compiler.is_compiling():
-        # the eager step's case: keys from C-level maps (which dynamo does not trace), then one
-        # BucketKey per bucket (a Python call per factor costs ~0.4 ms at 224 factors)
+        # the eager step's case: grouped by C-level maps of what bucket_key reads (dynamo does
+        # not trace them), then bucket_key once per bucket (once per factor costs ~0.4 ms at 224)
         raw = group(zip(map(_shape, params), map(_dtype, params), map(_device, params)))
-        return {BucketKey(tuple(shape), dtype, device): idx for (shape, dtype, device), idx in raw.items()}
+        return {bucket_key(params[idx[0]]): idx for idx in raw.values()}
     return group(bucket_key(p, None if grads is None else grads[i], column_form=column_form)
                  for i, p in enumerate(params))
 

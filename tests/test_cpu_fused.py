@@ -498,9 +498,11 @@ def test_pass1_into_writes_the_same_bits(gen, shape, count, dtype):
 
 
 def test_pass1_into_rejects_bad_buffers(gen):
+    """Every refusal comes before any moment is written."""
     hp = hyper()
     ps, gs, ms, vs, _ = make_bucket(gen, (40, 8), 2, F32)
     _, _, bc = bias(2, gen)
+    before = clone(ms + vs)
     for out, match in ((torch.empty(2, 3, 8, 7), "must be a contiguous CPU tensor of shape"),
                        (torch.empty(2, 3, 8, 8, dtype=F64), "in the working dtype"),
                        (torch.empty(2, 3, 8, 8).transpose(-1, -2), "not contiguous")):
@@ -513,6 +515,7 @@ def test_pass1_into_rejects_bad_buffers(gen):
     store = torch.zeros(2 * 3 * 8 * 8 + 40 * 8)
     out = store[:2 * 3 * 8 * 8].view(2, 3, 8, 8)
     ms_over = [ms[0], store[2 * 3 * 8 * 8 - 1:2 * 3 * 8 * 8 - 1 + 40 * 8].view(40, 8)]
+    ms_over[1].copy_(ms[1])
     with pytest.raises(RuntimeError, match="must not share memory"):
         cpu_fused.pass1(ps, gs, ms_over, vs, None, bc, hp, out=out)
     with pytest.raises(RuntimeError, match="must not share memory"):
@@ -525,6 +528,8 @@ def test_pass1_into_rejects_bad_buffers(gen):
     out = raw[8:8 + 4 * 2 * 3 * 8 * 8].view(F32).view(2, 3, 8, 8)
     with pytest.raises(RuntimeError, match="must not share memory"):
         cpu_fused.pass1(ps, gs, ms, vs, None, bc_over, hp, out=out)
+    for a, b in zip(ms + vs + ms_over[1:], before + before[1:2]):
+        assert torch.equal(a, b)
 
 
 def test_pass1_into_opcheck_and_default_kernel(gen):
