@@ -32,6 +32,7 @@ Environment:
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -124,6 +125,48 @@ def _cuda_toolkit(torch, cpp_extension, sources: list[str]) -> str | None:
     return None
 
 
+def _elf_helper():
+    """stiefel_kernels/_elf.py, loaded by its path (importing the package would load torch and
+    the old extension)."""
+    spec = importlib.util.spec_from_file_location(
+        "_stiefel_kernels_elf", os.path.join(ROOT, "stiefel_kernels", "_elf.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build_ext_class(cpp_extension):
+    """torch's BuildExtension, made to link the shared C++ runtime.
+
+    A compiler driver that finds only a static libstdc++ (seen on the lent GPU machines: CXX is a
+    wrapper, ``exec g++-real -B/opt/gcc/... "$@"``) links the C++ runtime into the extension; the
+    first error the extension raises then crashes the process (stiefel_kernels/_elf.py says
+    why). Such a driver is told to link ``libstdc++.so.6``, and a module that still carries its
+    own runtime fails the build."""
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        def build_extensions(self):
+            cxx = list(getattr(self.compiler, "compiler_cxx", None) or [])
+            if sys.platform.startswith("linux") and cxx:
+                os.makedirs(self.build_temp, exist_ok=True)
+                if _elf_helper().driver_links_cxx_runtime_statically(cxx, self.build_temp):
+                    _log(f"{cxx[0]} links libstdc++ statically into shared objects: linking "
+                         "stiefel_kernels._C against libstdc++.so.6 instead")
+                    for ext in self.extensions:
+                        ext.extra_link_args = [*(ext.extra_link_args or []), "-l:libstdc++.so.6"]
+            super().build_extensions()
+            if sys.platform.startswith("linux"):
+                for ext in self.extensions:
+                    path = self.get_ext_fullpath(ext.name)
+                    if os.path.exists(path) and _elf_helper().links_cxx_runtime_statically(path):
+                        raise RuntimeError(
+                            f"{path} links the C++ runtime statically: an error raised inside "
+                            "it would crash the process. Build with a C++ compiler that links "
+                            "libstdc++.so.6 (e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc).")
+
+    return BuildExtension
+
+
 def _native_build():
     """(ext_modules, cmdclass) for stiefel_kernels._C."""
     try:
@@ -187,7 +230,7 @@ def _native_build():
     else:
         ext = cpp_extension.CppExtension(
             "stiefel_kernels._C", CPU_SOURCES, extra_compile_args={"cxx": cxx}, **kwargs)
-    return [ext], {"build_ext": cpp_extension.BuildExtension}
+    return [ext], {"build_ext": _build_ext_class(cpp_extension)}
 
 
 ext_modules, cmdclass = ([], {}) if SKIP_NATIVE else _native_build()

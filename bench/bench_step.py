@@ -246,9 +246,13 @@ def run_case(name: str, backends, device, runs: int, warmup: int, retraction: st
     fb = floor_bytes(case)
     res = {"case": name, "note": case.note, "stiefel_elements": _elements(case.stiefel_shapes),
            "euclid_elements": _elements(case.euclid_shapes), "floor_bytes": fb, "steps": {}}
+    t_case = time.perf_counter()
     for kind in ("adamw_fused",) + tuple(backends):
         if kind == "adamw_fused" and torch.device(device).type != "cuda":
             continue  # fused AdamW is CUDA-only in practice
+        # where a case's wall time goes (a lease that cuts the run short says which part)
+        print(f"  {name}: {kind} from {time.perf_counter() - t_case:.1f} s", file=sys.stderr,
+              flush=True)
         a, b = make_params(case, device)
         opt = make_optimizer(kind, a, b, retraction, euclid)
         n_runs = max(3, runs // 10) if kind == "reference" else runs
@@ -263,6 +267,8 @@ def run_case(name: str, backends, device, runs: int, warmup: int, retraction: st
         t["ratio_to_adamw_fused"] = (t["median_ms"] / base) if base else None
         t["floor_GBps"] = fb["step" if kind != "adamw_fused" else "adamw_all"] / (t["median_ms"] * 1e-3) / 1e9
     if "triton" in backends:
+        print(f"  {name}: triton passes from {time.perf_counter() - t_case:.1f} s",
+              file=sys.stderr, flush=True)
         a, _ = make_params(case, device)
         tp = bench_triton_passes(a, device, retraction, runs, warmup)
         tp["pass1_GBps"] = fb["stiefel_pass1"] / (tp["pass1_ms"] * 1e-3) / 1e9
@@ -350,17 +356,21 @@ def main(argv=None) -> int:
     copy_gbs = copy_bandwidth(device) if device == "cuda" else None
     report = {"environment": environment(device), "retraction": args.retraction, "runs": args.runs,
               "tiny": args.tiny, "euclid": args.euclid if device == "cuda" else "default", "copy_GBps": copy_gbs, "cases": []}
+    tag = "".join(c if c.isalnum() else "-" for c in report["environment"]["device"])
+    stem = args.out / f"{tag}-{_dt.datetime.now():%Y%m%d-%H%M%S}{'-tiny' if args.tiny else ''}"
     for name in args.cases:
+        t0 = time.perf_counter()
         res = run_case(name, args.backends, device, args.runs, args.warmup, args.retraction,
                        args.tiny, copy_gbs, report["euclid"])
+        res["bench_seconds"] = round(time.perf_counter() - t0, 1)
         report["cases"].append(res)
         print(markdown({**report, "cases": [res]}), flush=True)
+        print(f"({name}: {res['bench_seconds']} s)", flush=True)
+        if not args.no_save:  # after every case: a lease that ends mid-run keeps what finished
+            args.out.mkdir(parents=True, exist_ok=True)
+            stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+            stem.with_suffix(".md").write_text(markdown(report))
     if not args.no_save:
-        args.out.mkdir(parents=True, exist_ok=True)
-        tag = "".join(c if c.isalnum() else "-" for c in report["environment"]["device"])
-        stem = args.out / f"{tag}-{_dt.datetime.now():%Y%m%d-%H%M%S}{'-tiny' if args.tiny else ''}"
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-        stem.with_suffix(".md").write_text(markdown(report))
         print(f"wrote {stem}.json and .md")
     return 0
 

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from . import ops  # noqa: F401  (schemas and default kernels: before _C registers its kernels)
+from . import _elf, ops  # noqa: F401  (schemas and default kernels: before _C registers its kernels)
 
 __all__ = ["available", "has_op", "has_cpu_kernel", "load_error", "enable_cuda_kernels", "disable_cuda_kernels",
            "cuda_kernels_enabled"]
@@ -23,7 +23,22 @@ CUDA_KERNELS_ENV = "STIEFEL_KERNELS_CUDA_KERNELS"
 
 load_error: Exception | None = None
 cuda_kernels_enabled = False
+
+
+def _refuse_own_cxx_runtime() -> None:
+    """Raises ImportError for an extension with libstdc++ linked into it (a compiler wrapper that
+    finds only the static archive): its first error would crash the process instead of raising
+    (_elf.py). setup.py builds link the shared runtime; this catches a module built otherwise."""
+    spec = importlib.util.find_spec(f"{__package__}._C")
+    if spec is not None and spec.origin and _elf.links_cxx_runtime_statically(spec.origin):
+        raise ImportError(
+            f"{spec.origin} has the C++ runtime linked into it (no libstdc++.so.6 among its "
+            "libraries): an error raised inside it would crash the process, so it is not loaded; "
+            "rebuild it with this version's setup.py, which links libstdc++.so.6")
+
+
 try:
+    _refuse_own_cxx_runtime()
     from . import _C  # registers the CPU kernels of torch.ops.stiefel_kernels.*
     available = True
 except Exception as exc:  # ImportError, or an ABI mismatch with the running torch

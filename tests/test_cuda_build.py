@@ -86,7 +86,7 @@ print(json.dumps({
     "cxx": ext.extra_compile_args["cxx"],
     "nvcc": ext.extra_compile_args.get("nvcc"),
     "libraries": ext.libraries,
-    "build_ext": seen["cmdclass"]["build_ext"] is cpp_extension.BuildExtension,
+    "build_ext": issubclass(seen["cmdclass"]["build_ext"], cpp_extension.BuildExtension),
     "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"),
     "cuda_home": cpp_extension.CUDA_HOME,
 }))

@@ -345,8 +345,10 @@ def test_local_shard_orientation_and_empty_shards_match_torch(shape, rows):
         q = torch.linalg.qr(x.mT if rows else x)[0]
         x = q.mT.contiguous() if rows else q.contiguous()
     results = {}
+    x = x.to(DEVICE)  # the triton backend takes CUDA tensors, or CPU ones under the interpreter
     for name in ("triton", "torch"):
-        p, g = x.clone(), torch.randn(*shape, generator=torch.Generator().manual_seed(6))
+        p = x.clone()
+        g = torch.randn(*shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
         m, v, st = torch.zeros_like(p), torch.zeros_like(p), torch.zeros((), dtype=torch.float32)
         group = _OneRank(rows)
         get_backend(name).step([p], [g], [m], [v], None, [st], _hp(), sharding=group)

@@ -77,6 +77,36 @@ def test_kernel_matches_gram_math(gen, retraction, r):
         assert _rel(e[i], e_ref[i]) < 1e-5, (i, _rel(e[i], e_ref[i]))
 
 
+def test_inner_slices_fit_the_installed_triton():
+    """Every ``BK`` the launcher picks is a dot the installed Triton compiles (Triton 3.6 refuses
+    an fp32 ``tl.dot`` with K = 8, which 3.9 accepts) and divides ``R_PAD``."""
+    from stiefel_kernels.kernels import launch
+
+    assert launch.min_fp32_dot_k() in (8, 16)
+    for r_pad in (16, 32, 64):
+        bk, _ = launch.small_step_config(r_pad)
+        assert launch.min_fp32_dot_k() <= bk <= r_pad and r_pad % bk == 0
+
+
+@pytest.mark.parametrize("retraction", ["cayley_fp", "newton_schulz"])
+def test_wider_inner_slices_where_triton_needs_them(gen, monkeypatch, retraction):
+    """With a Triton whose smallest fp32 dot is K = 16 the rank-48 step streams 16-wide slices
+    (not 8) through the scratch: the same coefficients as the float64 math."""
+    from stiefel_kernels.kernels import launch
+
+    monkeypatch.setattr(launch, "min_fp32_dot_k", lambda: 16)
+    assert launch.small_step_config(64)[0] == 16
+    num, r = 7, 48
+    k, g, h = (t.to(DEVICE) for t in _grams(gen, num, r))
+    c = torch.full((num, r, r), float("nan"), device=DEVICE)
+    e = torch.full_like(c, float("nan"))
+    tb.small_step_launch(k, g, h, c, e, 0.3, retraction, cayley_iters=3, ns_steps=5, tol=TOL)
+    c_ref, e_ref = _reference(k, g, h, 0.3, retraction)
+    for i in range(num):
+        assert _rel(c[i], c_ref[i]) < 1e-5, (i, _rel(c[i], c_ref[i]))
+        assert _rel(e[i], e_ref[i]) < 1e-5, (i, _rel(e[i], e_ref[i]))
+
+
 @pytest.mark.parametrize("retraction", ["cayley_fp", "newton_schulz"])
 def test_padded_coefficients_from_padded_grams(gen, retraction):
     """The backend's layout: ``K, G, H`` read from a zero-padded ``(F, 3, R_PAD, R_PAD)`` buffer

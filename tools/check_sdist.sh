@@ -38,7 +38,7 @@ echo "sdist: $(basename "$sdist")"
 
 # Every file of the native build is in the sdist (CUDA sources too: they are not compiled
 # here, so only this check covers them).
-build_files=$(cd "$work/src" && ls -d CMakeLists.txt LICENSE setup.py pyproject.toml MANIFEST.in \
+build_files=$(cd "$work/src" && ls -d CMakeLists.txt LICENSE setup.py pyproject.toml MANIFEST.in stiefel_kernels/_elf.py \
               $(find csrc -type f | sort))
 # shellcheck disable=SC2086
 python - "$sdist" $build_files <<'PY'

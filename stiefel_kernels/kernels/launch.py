@@ -8,6 +8,7 @@ Compiled-resource facts (registers, spills, shared memory) of every configuratio
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import OrderedDict
@@ -257,14 +258,28 @@ SMALL_STEP_BK = 16
 
 
 #: ``BK`` at ``R_PAD = 64``: 16-wide slices spill (88/208 bytes per thread in cayley_fp with 8
-#: warps, 80/108 with 16); 8-wide ones do not (the fp32 ``tl.dot`` minimum is K = 8)
+#: warps, 80/108 with 16, Triton 3.9); 8-wide ones do not. Raised to :func:`min_fp32_dot_k`
+#: where the installed Triton allows no K = 8 dot.
 SMALL_STEP_BK_64 = 8
+
+
+@functools.lru_cache(maxsize=None)
+def min_fp32_dot_k() -> int:
+    """The smallest inner size K of an fp32 ``tl.dot`` that the installed Triton compiles for
+    CUDA: 8 from Triton 3.9 on; 16 in Triton 3.6, which refuses a K = 8 dot at compile time
+    (seen on an H200, 2026-11-26). 16 where Triton does not say."""
+    try:
+        from triton.backends.nvidia.compiler import min_dot_size
+
+        return int(min_dot_size(None)(tl.float32, tl.float32)[2])
+    except Exception:  # noqa: BLE001  (another Triton layout: the size every version accepts)
+        return 16
 
 
 def small_step_config(r_pad: int) -> tuple[int, int]:
     """``(BK, num_warps)`` of the small-step kernel at ``R_PAD`` (launcher and kernel report)."""
     bk = r_pad if r_pad <= SMALL_STEP_BK else SMALL_STEP_BK if r_pad <= 32 else SMALL_STEP_BK_64
-    return bk, 4 if r_pad <= 16 else 8
+    return min(r_pad, max(bk, min_fp32_dot_k())), 4 if r_pad <= 16 else 8
 
 
 def small_step_args(k: Tensor, g: Tensor, h: Tensor, c: Tensor, e: Tensor, lr: float,
