@@ -154,6 +154,9 @@ def _build_ext_class(cpp_extension):
                          "stiefel_kernels._C against libstdc++.so.6 instead")
                     for ext in self.extensions:
                         ext.extra_link_args = [*(ext.extra_link_args or []), "-l:libstdc++.so.6"]
+                    # an up-to-date module from an earlier build (linked without the flag) would
+                    # be kept as it is: link again (without ninja this recompiles too)
+                    self.force = True
             super().build_extensions()
             if sys.platform.startswith("linux"):
                 for ext in self.extensions:
@@ -162,7 +165,8 @@ def _build_ext_class(cpp_extension):
                         raise RuntimeError(
                             f"{path} links the C++ runtime statically: an error raised inside "
                             "it would crash the process. Build with a C++ compiler that links "
-                            "libstdc++.so.6 (e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc).")
+                            "libstdc++.so.6 (e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc), and no "
+                            "-static-libstdc++ in LDFLAGS.")
 
     return BuildExtension
 

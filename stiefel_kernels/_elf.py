@@ -5,11 +5,12 @@ Used twice, with no import of the package (``setup.py`` loads this file by its p
 * ``setup.py``, after linking ``stiefel_kernels._C``: a compiler driver that finds only a static
   ``libstdc++.a`` (a wrapper such as ``exec g++-real -B/opt/gcc/...`` whose library folder holds
   the archive first) links the C++ runtime *into* the extension. Loaded beside torch's shared
-  ``libstdc++.so.6``, that second copy's stream and locale state is never set up, and the first
-  error the extension raises (``TORCH_CHECK`` formats its message through ``std::ostream``)
-  crashes the process with a segmentation fault instead of raising ``RuntimeError``. Seen on the
-  lent H200 machine, 2026-11-26 (torch 2.11, ``CXX=/opt/gcc/bin/g++``, GCC 13.3): the build is
-  then linked again against ``libstdc++.so.6``.
+  ``libstdc++.so.6``, the process then holds two copies of the runtime, and the first error the
+  extension raised (``TORCH_CHECK`` formats its message through ``std::ostream``) crashed the
+  process with a segmentation fault inside that stream code instead of raising
+  ``RuntimeError``. Seen on the lent H200 machine, 2026-11-26 (torch 2.11,
+  ``CXX=/opt/gcc/bin/g++``, GCC 13.3); the same objects linked against ``libstdc++.so.6`` raised
+  as they should. Such a driver is told to link the shared runtime.
 * :mod:`stiefel_kernels._native`, before importing the extension: a module built that way is not
   loaded (the default torch kernels run, and a warning says why).
 """
@@ -22,7 +23,7 @@ import subprocess
 __all__ = ["needed_libraries", "links_cxx_runtime_statically",
            "driver_links_cxx_runtime_statically"]
 
-_SHT_DYNAMIC = 6
+_SHT_STRTAB, _SHT_DYNAMIC = 3, 6
 _DT_NULL, _DT_NEEDED = 0, 1
 
 
@@ -32,7 +33,11 @@ def needed_libraries(path: str) -> list[str] | None:
     header, the section table, the dynamic section and its string table, not the whole file."""
     try:
         with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+
             def read(offset: int, size: int) -> bytes:
+                if offset < 0 or size < 0 or offset + size > file_size:  # a corrupt header
+                    raise ValueError("outside the file")
                 f.seek(offset)
                 data = f.read(size)
                 if len(data) != size:
@@ -45,8 +50,10 @@ def needed_libraries(path: str) -> list[str] | None:
                 return None
             shoff, = struct.unpack_from("<Q", head, 0x28)
             shentsize, shnum = struct.unpack_from("<HH", head, 0x3A)
-            if shentsize < 64:
+            if shentsize < 64 or shoff == 0:
                 return None
+            if shnum == 0:  # 0xff00 sections or more: the count is section 0's sh_size
+                shnum, = struct.unpack_from("<Q", read(shoff, 64), 0x20)
             table = read(shoff, shnum * shentsize)
             sections = [struct.unpack_from("<IIQQQQIIQQ", table, i * shentsize)
                         for i in range(shnum)]
@@ -54,7 +61,9 @@ def needed_libraries(path: str) -> list[str] | None:
                 if sh_type != _SHT_DYNAMIC:
                     continue
                 dynamic = read(offset, size)
-                _, _, _, _, str_off, str_size, _, _, _, _ = sections[link]  # .dynstr
+                _, str_type, _, _, str_off, str_size, _, _, _, _ = sections[link]  # .dynstr
+                if str_type != _SHT_STRTAB:
+                    return None
                 strings = read(str_off, str_size)
                 names = []
                 for pos in range(0, size - 15, entsize or 16):

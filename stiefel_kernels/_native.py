@@ -32,9 +32,10 @@ def _refuse_own_cxx_runtime() -> None:
     spec = importlib.util.find_spec(f"{__package__}._C")
     if spec is not None and spec.origin and _elf.links_cxx_runtime_statically(spec.origin):
         raise ImportError(
-            f"{spec.origin} has the C++ runtime linked into it (no libstdc++.so.6 among its "
-            "libraries): an error raised inside it would crash the process, so it is not loaded; "
-            "rebuild it with this version's setup.py, which links libstdc++.so.6")
+            f"{spec.origin} has the C++ runtime linked into it (neither libstdc++.so nor "
+            "libc++.so among its libraries): an error raised inside it would crash the process, "
+            "so it is not loaded; rebuild it with this version's setup.py, which links "
+            "libstdc++.so.6")
 
 
 try:
