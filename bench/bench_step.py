@@ -167,28 +167,45 @@ def make_optimizer(kind: str, a, b, retraction: str, euclid: str = "fused", capt
                                         lr=1e-3, backend=kind, retraction=retraction)
 
 
+def graph_replay_ms(fn, device, runs: int, warmup: int) -> float | str:
+    """Device time of ``fn()`` alone: captured once in a CUDA graph (after three warm-up calls
+    on a side stream) and replayed, so no host work sits between its kernels. A string says why
+    it could not be measured."""
+    if torch.device(device).type != "cuda":
+        return "no CUDA"
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return time_fn(graph.replay, device, runs, warmup)["median_ms"]
+    except Exception as exc:  # noqa: BLE001  (reported in the table, not fatal)
+        torch.cuda.synchronize()
+        return f"capture failed: {type(exc).__name__}: {str(exc)[:120]}"
+
+
 def graph_ms(kind: str, case: "Case", device, retraction: str, euclid: str, runs: int,
              warmup: int) -> float | str:
-    """Device time of one step: the step captured once in a CUDA graph and replayed (no host
-    work between kernels). A string says why it could not be measured."""
+    """Device time of one step (:func:`graph_replay_ms` of ``step()``; fused AdamW in its
+    capturable mode)."""
     if torch.device(device).type != "cuda":
         return "no CUDA"
     try:
         a, b = make_params(case, device)
         opt = make_optimizer(kind, a, b, retraction, euclid, capturable=True)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                opt.step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            opt.step()
-        return time_fn(graph.replay, device, runs, warmup)["median_ms"]
-    except Exception as exc:  # noqa: BLE001  (reported in the table, not fatal)
-        torch.cuda.synchronize()
-        return f"capture failed: {type(exc).__name__}: {str(exc)[:120]}"
+    except Exception as exc:  # noqa: BLE001
+        return f"build failed: {type(exc).__name__}: {str(exc)[:120]}"
+    return graph_replay_ms(opt.step, device, runs, warmup)
+
+
+def _sum_ms(total: float | str, part: float | str) -> float | str:
+    """Adds per-bucket times; a reason why one could not be measured wins."""
+    return total if isinstance(total, str) else part if isinstance(part, str) else total + part
 
 
 def host_ms(opt, device, runs: int) -> float:
@@ -219,7 +236,8 @@ def bench_triton_passes(a, device, retraction: str, runs: int, warmup: int) -> d
     steps = [torch.tensor(0.0) for _ in params]
     out = {"backend_step": time_fn(lambda: backend.step(params, grads, ms, vs, None, steps, hp),
                                    device, runs, warmup)}
-    p1 = p2 = 0.0
+    p1 = p2 = ss = 0.0
+    graph = {"pass1": 0.0, "small_step": 0.0, "pass2": 0.0}  # device time, CUDA graph replay
     buckets: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         buckets.setdefault(tuple(p.shape), []).append(i)
@@ -231,12 +249,21 @@ def bench_triton_passes(a, device, retraction: str, runs: int, warmup: int) -> d
         cfg = tb.launch_config(n, r, len(ps), ps[0].device)
         bc = torch.tensor([[0.5] * len(ps), [0.1] * len(ps)], device=device)
         coef = torch.zeros((len(ps), 2, cfg["R_PAD"], cfg["R_PAD"]), device=device)
-        p1 += time_fn(lambda: tb.pass1(ptrs, shape, ps[0].dtype, grads[idx[0]].dtype, bc, hp, cfg,
-                                       len(ps)), device, runs, warmup)["median_ms"]
-        p2 += time_fn(lambda: tb.pass2(ptrs, shape, ps[0].dtype, bc, coef, hp, cfg, len(ps)),
-                      device, runs, warmup)["median_ms"]
+        parts = {
+            "pass1": lambda: tb.pass1(ptrs, shape, ps[0].dtype, grads[idx[0]].dtype, bc, hp, cfg,
+                                      len(ps)),
+            "small_step": lambda: tb.small_step(grams, hp, cfg["R_PAD"]),
+            "pass2": lambda: tb.pass2(ptrs, shape, ps[0].dtype, bc, coef, hp, cfg, len(ps)),
+        }
+        grams = parts["pass1"]()  # the small step's input: this bucket's Gram matrices
+        p1 += time_fn(parts["pass1"], device, runs, warmup)["median_ms"]
+        ss += time_fn(parts["small_step"], device, runs, warmup)["median_ms"]
+        p2 += time_fn(parts["pass2"], device, runs, warmup)["median_ms"]
+        for name, fn in parts.items():
+            graph[name] = _sum_ms(graph[name], graph_replay_ms(fn, device, runs, warmup))
         out.setdefault("launch_configs", {})[str(shape)] = cfg
-    out["pass1_ms"], out["pass2_ms"] = p1, p2
+    out["pass1_ms"], out["small_step_ms"], out["pass2_ms"] = p1, ss, p2
+    out["graph_ms"] = graph
     return out
 
 
@@ -325,7 +352,14 @@ def markdown(report: dict) -> str:
             lines += ["", f"triton Stiefel part alone: step {tp['backend_step']['median_ms']:.3f} ms, "
                           f"{tp['stiefel_step_GBps']:.1f} GB/s{frac('stiefel_step')}; "
                           f"pass 1 {tp['pass1_ms']:.3f} ms, {tp['pass1_GBps']:.1f} GB/s{frac('pass1')}; "
-                          f"pass 2 {tp['pass2_ms']:.3f} ms, {tp['pass2_GBps']:.1f} GB/s{frac('pass2')}"]
+                          f"pass 2 {tp['pass2_ms']:.3f} ms, {tp['pass2_GBps']:.1f} GB/s{frac('pass2')}"
+                          + (f"; small step {tp['small_step_ms']:.3f} ms" if "small_step_ms" in tp
+                             else "") + " (eager: the host in the loop)"]
+            g = tp.get("graph_ms")
+            if g:
+                fmt = (lambda v: f"{v:.3f} ms" if isinstance(v, float) else str(v))
+                lines += ["", "device time per part (CUDA graph replay, summed over buckets): "
+                              + ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in g.items())]
         lines.append("")
     return "\n".join(lines)
 
