@@ -147,26 +147,27 @@ def _build_ext_class(cpp_extension):
     class BuildExtension(cpp_extension.BuildExtension):
         def build_extensions(self):
             cxx = list(getattr(self.compiler, "compiler_cxx", None) or [])
-            if sys.platform.startswith("linux") and cxx:
-                os.makedirs(self.build_temp, exist_ok=True)
-                if _elf_helper().driver_links_cxx_runtime_statically(cxx, self.build_temp):
-                    _log(f"{cxx[0]} links libstdc++ statically into shared objects: linking "
-                         "stiefel_kernels._C against libstdc++.so.6 instead")
-                    for ext in self.extensions:
-                        ext.extra_link_args = [*(ext.extra_link_args or []), "-l:libstdc++.so.6"]
-                    # an up-to-date module from an earlier build (linked without the flag) would
-                    # be kept as it is: link again (without ninja this recompiles too)
-                    self.force = True
-            super().build_extensions()
-            if sys.platform.startswith("linux"):
+            if not sys.platform.startswith("linux") or not cxx:  # ELF checks only
+                return super().build_extensions()
+            elf = _elf_helper()
+            os.makedirs(self.build_temp, exist_ok=True)
+            if elf.driver_links_cxx_runtime_statically(cxx, self.build_temp):
+                _log(f"{cxx[0]} links libstdc++ statically into shared objects: linking "
+                     "stiefel_kernels._C against libstdc++.so.6 instead")
                 for ext in self.extensions:
-                    path = self.get_ext_fullpath(ext.name)
-                    if os.path.exists(path) and _elf_helper().links_cxx_runtime_statically(path):
-                        raise RuntimeError(
-                            f"{path} links the C++ runtime statically: an error raised inside "
-                            "it would crash the process. Build with a C++ compiler that links "
-                            "libstdc++.so.6 (e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc), and no "
-                            "-static-libstdc++ in LDFLAGS.")
+                    ext.extra_link_args = [*(ext.extra_link_args or []), "-l:libstdc++.so.6"]
+                # an up-to-date module from an earlier build (linked without the flag) would be
+                # kept as it is: link again (without ninja this recompiles too)
+                self.force = True
+            super().build_extensions()
+            for ext in self.extensions:
+                path = self.get_ext_fullpath(ext.name)
+                if os.path.exists(path) and elf.links_cxx_runtime_statically(path):
+                    raise RuntimeError(
+                        f"{path} links the C++ runtime statically: an error raised inside it "
+                        "would crash the process. Build with a C++ compiler that links "
+                        "libstdc++.so.6 (e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc), and no "
+                        "-static-libstdc++ in LDFLAGS.")
 
     return BuildExtension
 

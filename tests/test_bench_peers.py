@@ -1,24 +1,11 @@
 """``bench/bench_peers.py --interleave``: the optimizers of a config timed in turns, with paired
 ratios (a benchmark's bookkeeping, not a timing: nothing here asserts a speed)."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _bench_peers():
-    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "bench" / "bench_peers.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_peers", mod)
-    spec.loader.exec_module(mod)
-    return mod
+from _recipes import load_bench
 
 
 def test_interleaved_rounds_and_paired_ratios(monkeypatch):
-    bp = _bench_peers()
+    bp = load_bench("bench_peers")
     cfg = bp.make_config("factors_512x8x64")
     data = bp.pristine(cfg, "cpu")
     order = []
@@ -56,7 +43,7 @@ def test_interleaved_rounds_and_paired_ratios(monkeypatch):
 
 
 def test_interleaved_reports_a_skip_and_times_the_rest(monkeypatch):
-    bp = _bench_peers()
+    bp = load_bench("bench_peers")
     cfg = bp.make_config("factors_512x8x64")
     data = bp.pristine(cfg, "cpu")
     monkeypatch.setattr(bp, "why_not", lambda kind, cfg, device: "not here" if kind == "adamw_foreach" else None)

@@ -1,22 +1,10 @@
 """``bench/bench_step.py``'s bookkeeping (the GPU timings themselves need a GPU): per-bucket
 device times summed, a part that could not be captured reported by name, the report's lines."""
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _bench_step():
-    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "bench_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_step", mod)
-    spec.loader.exec_module(mod)
-    return mod
+from _recipes import load_bench
 
 
 def test_per_bucket_times_add_up_and_a_failure_wins():
-    bs = _bench_step()
+    bs = load_bench("bench_step")
     assert bs._sum_ms(0.0, 1.5) == 1.5 and bs._sum_ms(1.5, 0.25) == 1.75
     assert bs._sum_ms(1.5, "capture failed: X") == "capture failed: X"
     assert bs._sum_ms("capture failed: X", 2.0) == "capture failed: X"
@@ -24,7 +12,7 @@ def test_per_bucket_times_add_up_and_a_failure_wins():
 
 
 def test_report_lists_eager_and_graph_times_of_the_parts():
-    bs = _bench_step()
+    bs = load_bench("bench_step")
     step = {"median_ms": 2.0, "ratio_to_adamw_fused": None, "floor_GBps": 1.0, "host_ms": 1.0,
             "graph_ms": 0.5}
     tp = {"backend_step": {"median_ms": 1.0}, "stiefel_step_GBps": 10.0, "pass1_ms": 0.25,

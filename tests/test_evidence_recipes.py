@@ -1,20 +1,9 @@
 """The evidence scripts (python/lr_stability.py, bench/retraction_ablation.py) run end to end in
 their smallest mode, write outputs that parse, and mark diverged runs."""
-import importlib.util
 import json
 import math
-import pathlib
 
-from _recipes import load
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_bench(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _recipes import load, load_bench
 
 
 def _table_rows(md: str) -> list[list[str]]:
@@ -71,7 +60,7 @@ def test_lr_stability_smoke(tmp_path):
 
 
 def test_retraction_ablation_smoke(tmp_path):
-    mod = _load_bench("retraction_ablation")
+    mod = load_bench("retraction_ablation")
     assert mod.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
     for suffix in ("_time.png", "_error.png"):
         assert (tmp_path / f"retraction_ablation{suffix}").stat().st_size > 1000
