@@ -29,8 +29,13 @@
 // sub-block q run, the elementwise part of sub-block q + 1 is done in slices handed over from
 // inside the tiles every few inner steps (Producer; double-buffered scratch), and the inputs of
 // sub-block q + 2 are prefetched. Small sub-blocks (wide: 4096 elements) keep the tiles' data in
-// L1/L2. None of this changes any result: the elementwise expressions are the same, and every
-// Gram / pass-2 sum is accumulated in the same fixed order.
+// L1/L2. Pass 1 on tall factors is the exception: there the slices cost more (the spills of the
+// K/G/H tiles' 24 accumulators at every hand-over) than the overlap gives, so the moments of
+// sub-block q + 1 run whole before the tiles of sub-block q, and the tiles hand over only
+// prefetches of sub-block q + 2 (Prefetcher: no vector register, nothing spilled). GPT-2's
+// 144 x 768 x 64 pass 1 at 1 thread: 12.5-12.9 -> 11.8-11.9 ms (same-run A/B, 2026-11-26).
+// None of this changes any result: the elementwise expressions are the same, and every Gram /
+// pass-2 sum is accumulated in the same fixed order.
 // Gram sums: products accumulated in the working dtype inside a chunk (a fixed order), chunk
 // partials written to a buffer and then added in float64 in chunk order, so the result does not
 // depend on the thread count (gram.gram_pass's accuracy contract). K and H are symmetric: only
@@ -73,7 +78,8 @@ constexpr int64_t kChunkRows = 4096;
 constexpr int64_t kScratchElems = 8192;
 constexpr int64_t kWideScratchElems = 4096;
 // How often the micro-kernels hand over to the producer of the next sub-block (see Producer): a
-// slice of the elementwise work every this many rows (gram_tall) / inner steps (apply_tall,
+// slice of the elementwise work (gram_tall: of the prefetches, see Prefetcher) every this many
+// rows (gram_tall; 16 measured the same as 32 and faster than 64) / inner steps (apply_tall,
 // apply_wide) / vectors of the dot products (gram_wide), so that the out-of-order window holds
 // both kinds of work. Each hand-over spills the tile's accumulators: apply_tall hands over every
 // 16 steps where r >= 16, not 4 (GPT-2's 144 x 768 x 64 pass 2: 9.7 -> 9.1-9.2 ms at 1 thread;
@@ -606,8 +612,10 @@ struct Scratch {
 // in slices between the register tiles of the micro-kernels of sub-block q (double-buffered
 // scratch), so the divider (two divisions and a square root per element), the FMA units and the
 // memory stream work at the same time instead of one after the other; the inputs of sub-block
-// q + 2 are prefetched as sub-block q + 1 is filled. The arithmetic of every element and of
-// every Gram sum is the same as without the overlap (same expressions, same order).
+// q + 2 are prefetched as sub-block q + 1 is filled (pass 1 on tall factors: the elementwise
+// part of q + 1 whole, then the tiles of q, which prefetch q + 2). The arithmetic of every
+// element and of every Gram sum is the same as without the overlap (same expressions, same
+// order).
 struct Blk {
   int64_t item = -1, b0 = 0, nb = 0;
   bool valid() const { return item >= 0; }
@@ -768,6 +776,36 @@ struct Producer {
   }
 };
 
+// Prefetches one sub-block's inputs a line at a time (`step(units)`: `units` lines of each
+// array), from inside the micro-kernels of the sub-block before it: a prefetch needs no vector
+// register, so these hand-overs spill nothing, and the stream of the next sub-block comes in
+// while the FMA units work.
+template <typename P, typename S, bool kPass1, bool kAms>
+struct Prefetcher {
+  static constexpr int64_t kUnit = 64 / static_cast<int64_t>(sizeof(S));  // elements of S per line
+  Runs<P, S> R;
+  int64_t run = 0, pos = 0;
+
+  int64_t total() const { return R.nrun * ((R.runlen + kUnit - 1) / kUnit); }
+
+  SK_INLINE void step(int64_t units) {
+    for (; units > 0 && run < R.nrun; --units) {
+      __builtin_prefetch(R.m + run * R.ldm + pos, kPass1, 3);
+      __builtin_prefetch(R.v + run * R.ldv + pos, kPass1, 3);
+      __builtin_prefetch(R.p + run * R.ldp + pos, !kPass1, 3);
+      if constexpr (kPass1) {
+        __builtin_prefetch(R.g + run * R.ldg + pos, 0, 3);
+        if constexpr (kAms) __builtin_prefetch(R.vmax + run * R.ldx + pos, 1, 3);
+      }
+      pos += kUnit;
+      if (pos >= R.runlen) {
+        ++run;
+        pos = 0;
+      }
+    }
+  }
+};
+
 // ----------------------------------------------------------------------- pass 1
 template <typename S>
 struct Pass1Ctx {
@@ -825,15 +863,21 @@ SK_INLINE void pass1_range_impl(const Pass1Ctx<S>& cx, int64_t begin, int64_t en
   std::fill(sc.G, sc.G + ra * ra, S(0));
   std::fill(sc.H, sc.H + ra * ra, S(0));
   while (cur.valid()) {
-    Prod pr = make_prod(nxt, buf ^ 1, nn);
+    // tall: the next sub-block's moments first, then the tiles, which prefetch the one after
+    // it (see Prefetcher); wide: the moments in slices from inside the tiles
+    Prod pr = make_prod(nxt, buf ^ 1, geo.wide ? nn : Blk{});
     const S* x = prev.R.x;
     const int64_t sx = prev.R.xstride;
     const S* d = sc.d[buf];
     if (!geo.wide) {
       const int64_t rp = geo.rp;
       const int64_t units = std::max<int64_t>(1, gram_tall_units(cur.nb, rp, W));
-      const int64_t quota = (pr.total() + units - 1) / units;
-      gram_tall<S>(x, d, cur.nb, rp, sc.K, sc.G, sc.H, [&]() __attribute__((always_inline)) { pr.step(quota); });
+      pr.step(pr.total());
+      Prefetcher<P, S, true, kAms> pf;
+      if (nn.valid()) pf.R = make_runs<P, S>(geo, bk.factors[nn.item / geo.nchunks], nn, nullptr, nullptr, W);
+      const int64_t quota = (pf.total() + units - 1) / units;
+      gram_tall<S>(x, d, cur.nb, rp, sc.K, sc.G, sc.H, [&]() __attribute__((always_inline)) { pf.step(quota); });
+      pf.step(pf.total());
     } else {
       const int64_t t4 = geo.r4 / 4, len = round_up(cur.nb, W);
       const int64_t units = std::max<int64_t>(1, (t4 * (t4 + 1) + t4 * t4) * (len / W / kWideVecsPerSlice));
