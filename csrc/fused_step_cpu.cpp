@@ -29,11 +29,14 @@
 // sub-block q run, the elementwise part of sub-block q + 1 is done in slices handed over from
 // inside the tiles every few inner steps (Producer; double-buffered scratch), and the inputs of
 // sub-block q + 2 are prefetched. Small sub-blocks (wide: 4096 elements) keep the tiles' data in
-// L1/L2. Pass 1 on tall factors is the exception: there the slices cost more (the spills of the
-// K/G/H tiles' 24 accumulators at every hand-over) than the overlap gives, so the moments of
-// sub-block q + 1 run whole before the tiles of sub-block q, and the tiles hand over only
-// prefetches of sub-block q + 2 (Prefetcher: no vector register, nothing spilled). GPT-2's
-// 144 x 768 x 64 pass 1 at 1 thread: 12.5-12.9 -> 11.8-11.9 ms (same-run A/B, 2026-11-26).
+// L1/L2. That is pass 2. In pass 1 the slices cost more (the spills of the Gram tiles'
+// accumulators at every hand-over: 24 vectors in a tall K/G/H tile) than the overlap gives, so
+// there the moments of sub-block q + 1 run whole before the tiles of sub-block q, and the tiles
+// hand over only prefetches of sub-block q + 2 (Prefetcher: no vector register, nothing
+// spilled). 1 thread, same-run A/B (2026-11-26): GPT-2's 144 x 768 x 64 pass 1 12.5-12.9 ->
+// 11.8-11.9 ms; LoRA r = 16, 32 layers (A: 192 x 16 x 4096 and 32 x 16 x 11008) 17.5-19.3 ->
+// 16.1-16.7 ms. Pass 2 the same way was slower (GPT-2 9.2 -> 9.7 ms): its divider work then
+// no longer overlaps the FMAs.
 // None of this changes any result: the elementwise expressions are the same, and every Gram /
 // pass-2 sum is accumulated in the same fixed order.
 // Gram sums: products accumulated in the working dtype inside a chunk (a fixed order), chunk
@@ -78,7 +81,7 @@ constexpr int64_t kChunkRows = 4096;
 constexpr int64_t kScratchElems = 8192;
 constexpr int64_t kWideScratchElems = 4096;
 // How often the micro-kernels hand over to the producer of the next sub-block (see Producer): a
-// slice of the elementwise work (gram_tall: of the prefetches, see Prefetcher) every this many
+// slice of the elementwise work (pass 1: of the prefetches, see Prefetcher) every this many
 // rows (gram_tall; 16 measured the same as 32 and faster than 64) / inner steps (apply_tall,
 // apply_wide) / vectors of the dot products (gram_wide), so that the out-of-order window holds
 // both kinds of work. Each hand-over spills the tile's accumulators: apply_tall hands over every
@@ -612,8 +615,8 @@ struct Scratch {
 // in slices between the register tiles of the micro-kernels of sub-block q (double-buffered
 // scratch), so the divider (two divisions and a square root per element), the FMA units and the
 // memory stream work at the same time instead of one after the other; the inputs of sub-block
-// q + 2 are prefetched as sub-block q + 1 is filled (pass 1 on tall factors: the elementwise
-// part of q + 1 whole, then the tiles of q, which prefetch q + 2). The arithmetic of every
+// q + 2 are prefetched as sub-block q + 1 is filled (pass 1: the elementwise part of q + 1
+// whole, then the tiles of q, which prefetch q + 2). The arithmetic of every
 // element and of every Gram sum is the same as without the overlap (same expressions, same
 // order).
 struct Blk {
@@ -863,29 +866,27 @@ SK_INLINE void pass1_range_impl(const Pass1Ctx<S>& cx, int64_t begin, int64_t en
   std::fill(sc.G, sc.G + ra * ra, S(0));
   std::fill(sc.H, sc.H + ra * ra, S(0));
   while (cur.valid()) {
-    // tall: the next sub-block's moments first, then the tiles, which prefetch the one after
-    // it (see Prefetcher); wide: the moments in slices from inside the tiles
-    Prod pr = make_prod(nxt, buf ^ 1, geo.wide ? nn : Blk{});
+    // the next sub-block's moments first, then the tiles, which prefetch the one after it
+    Prod pr = make_prod(nxt, buf ^ 1, Blk{});
+    pr.step(pr.total());
+    Prefetcher<P, S, true, kAms> pf;
+    if (nn.valid()) pf.R = make_runs<P, S>(geo, bk.factors[nn.item / geo.nchunks], nn, nullptr, nullptr, W);
     const S* x = prev.R.x;
     const int64_t sx = prev.R.xstride;
     const S* d = sc.d[buf];
     if (!geo.wide) {
       const int64_t rp = geo.rp;
       const int64_t units = std::max<int64_t>(1, gram_tall_units(cur.nb, rp, W));
-      pr.step(pr.total());
-      Prefetcher<P, S, true, kAms> pf;
-      if (nn.valid()) pf.R = make_runs<P, S>(geo, bk.factors[nn.item / geo.nchunks], nn, nullptr, nullptr, W);
       const int64_t quota = (pf.total() + units - 1) / units;
       gram_tall<S>(x, d, cur.nb, rp, sc.K, sc.G, sc.H, [&]() __attribute__((always_inline)) { pf.step(quota); });
-      pf.step(pf.total());
     } else {
       const int64_t t4 = geo.r4 / 4, len = round_up(cur.nb, W);
       const int64_t units = std::max<int64_t>(1, (t4 * (t4 + 1) + t4 * t4) * (len / W / kWideVecsPerSlice));
-      const int64_t quota = (pr.total() + units - 1) / units;
+      const int64_t quota = (pf.total() + units - 1) / units;
       gram_wide<S>(x, sx, d, geo.r4, geo.block, len, sc.K, sc.G, sc.H,
-                   [&]() __attribute__((always_inline)) { pr.step(quota); });
+                   [&]() __attribute__((always_inline)) { pf.step(quota); });
     }
-    pr.step(pr.total());  // whatever the slices left
+    pf.step(pf.total());  // whatever the slices left
     prev = pr;
     if (!nxt.valid() || nxt.item != cur.item) {
       write_partials(cx, cur.item, sc);
