@@ -106,11 +106,28 @@ SK_INLINE vec<double> pair_add(const vec<double>& a, const vec<double>& b) {
   const M odd = {1, 3, 5, 7, 9, 11, 13, 15};
   return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);
 }
-// Horizontal sums of 16 vectors, out[k] = sum of the lanes of v[k], by rounds of pair_add (each
-// round halves the vectors and the lanes per input; the order is fixed).
+// Four lanes of S, for the rows of a 4 x 4 tile's sums.
 template <typename S>
-SK_INLINE void reduce16(const vec<S>* v, S* out) {
+struct QuadOf;
+template <>
+struct QuadOf<float> {
+  typedef float T __attribute__((vector_size(16)));
+};
+template <>
+struct QuadOf<double> {
+  typedef double T __attribute__((vector_size(32)));
+};
+
+// Horizontal sums of 16 vectors (the 4 x 4 accumulators of a tile, k = 4a + b), added to out:
+// out[a * ld + b] += sum of the lanes of v[4a + b]. The sums by rounds of pair_add (each round
+// halves the vectors and the lanes per input; the order is fixed), which leaves lane k of the
+// result holding sum k (float: one vector; double: two of 8), so each row of four is added to
+// out as one short vector: the same additions as element by element (one each), without
+// taking the 16 lanes apart (which made the reductions most of LoRA's pass 1).
+template <typename S>
+SK_INLINE void reduce16_add(const vec<S>* v, S* out, int64_t ld) {
   constexpr int W = VecOf<S>::W;
+  using Q = typename QuadOf<S>::T;
   vec<S> t[16];
   for (int k = 0; k < 16; ++k) t[k] = v[k];
   int count = 16;
@@ -118,8 +135,24 @@ SK_INLINE void reduce16(const vec<S>* v, S* out) {
     for (int k = 0; k < count / 2; ++k) t[k] = pair_add(t[2 * k], t[2 * k + 1]);
     count /= 2;
   }
-  // float: one vector, lane k = input k; double: two vectors of 8
-  for (int k = 0; k < 16; ++k) out[k] = t[k / W][k % W];
+  Q q[4];
+  if constexpr (W == 16) {
+    q[0] = __builtin_shufflevector(t[0], t[0], 0, 1, 2, 3);
+    q[1] = __builtin_shufflevector(t[0], t[0], 4, 5, 6, 7);
+    q[2] = __builtin_shufflevector(t[0], t[0], 8, 9, 10, 11);
+    q[3] = __builtin_shufflevector(t[0], t[0], 12, 13, 14, 15);
+  } else {
+    q[0] = __builtin_shufflevector(t[0], t[0], 0, 1, 2, 3);
+    q[1] = __builtin_shufflevector(t[0], t[0], 4, 5, 6, 7);
+    q[2] = __builtin_shufflevector(t[1], t[1], 0, 1, 2, 3);
+    q[3] = __builtin_shufflevector(t[1], t[1], 4, 5, 6, 7);
+  }
+  for (int a = 0; a < 4; ++a) {
+    Q o;
+    std::memcpy(&o, out + a * ld, sizeof(Q));
+    o += q[a];
+    std::memcpy(out + a * ld, &o, sizeof(Q));
+  }
 }
 
 // ----------------------------------------------------------------------- element conversions
@@ -298,11 +331,8 @@ SK_INLINE void dot_tile(const S* __restrict u, int64_t su, const S* __restrict w
       for (int b = 0; b < 4; ++b) acc[a][b] += uv[a] * wv[b];
     if (((k / W) & (kWideVecsPerSlice - 1)) == kWideVecsPerSlice - 1) between();
   }
-  // 16 horizontal sums at once (a fixed pairwise tree): sums[a * 4 + b] = hsum(acc[a][b])
-  S sums[16];
-  reduce16<S>(&acc[0][0], sums);
-  for (int a = 0; a < 4; ++a)
-    for (int b = 0; b < 4; ++b) out[(i0 + a) * ra + j0 + b] += sums[a * 4 + b];
+  // 16 horizontal sums at once (a fixed pairwise tree): out[i0 + a, j0 + b] += hsum(acc[a][b])
+  reduce16_add<S>(&acc[0][0], out + i0 * ra + j0, ra);
 }
 
 // Wide scratch: x, d are r4 rows (rows >= r zero) of `stride` columns, the first len in use
