@@ -223,11 +223,12 @@ def gram_orthogonality_error(k: Tensor, scratch: Tensor | None = None) -> Tensor
     return torch.linalg.matrix_norm(diff).amax().float()
 
 
-def advance_steps(state_steps: list[Tensor]) -> Tensor:
-    """Add one to every step counter; returns the counters as one ``(F,)`` tensor.
+def advance_steps(state_steps: list[Tensor], values: bool = True) -> Tensor | None:
+    """Add one to every step counter; returns the counters as one ``(F,)`` tensor (``None``
+    with ``values=False``: the adds only).
 
     Counters that are, in order, consecutive elements of one 1-D buffer (``StiefelAdamW``
-    creates the counters of factors that start together so; a bucket of them is a slice) take
+    creates the counters of tensors that start together so; a bucket of them is a slice) take
     one in-place add on that slice, which is also the result (on the CPU, scattered elements of
     one buffer take one indexed add and a gather); any others take ``torch._foreach_add_`` and
     a ``stack`` (a loop of ``F`` adds on the CPU, two launches on a GPU)."""
@@ -242,14 +243,14 @@ def advance_steps(state_steps: list[Tensor]) -> Tensor:
         if (run.numel() == len(state_steps)
                 and offsets == tuple(range(run.storage_offset(), run.storage_offset() + len(state_steps)))):
             run.add_(1)
-            return run
+            return run if values else None
         if base.device.type == "cpu":  # scattered over the buffer (buckets of interleaved
             # shapes): one indexed add and one gather instead of F adds and a stack
             index = torch.tensor(offsets, dtype=torch.long) - base.storage_offset()
             base.index_add_(0, index, torch.ones(len(offsets), dtype=base.dtype))
-            return base.index_select(0, index)
+            return base.index_select(0, index) if values else None
     torch._foreach_add_(state_steps, 1)
-    return torch.stack(state_steps)
+    return torch.stack(state_steps) if values else None
 
 
 def bias_correction_tensor(state_steps: list[Tensor] | Tensor, beta1: float, beta2: float,
