@@ -24,19 +24,21 @@
 // vectors; tall: packed rows, whole groups of 4 rows) are read in place instead of copied.
 //
 // Speed (issue 13): the elementwise part is bound by the divider (two correctly rounded
-// divisions and a square root per element) and by memory, the micro-kernels by the FMA units;
-// run one after the other they add up. So the work is software-pipelined: while the tiles of
-// sub-block q run, the elementwise part of sub-block q + 1 is done in slices handed over from
-// inside the tiles every few inner steps (Producer; double-buffered scratch), and the inputs of
-// sub-block q + 2 are prefetched. Small sub-blocks (wide: 4096 elements) keep the tiles' data in
-// L1/L2. That is pass 2. In pass 1 the slices cost more (the spills of the Gram tiles'
-// accumulators at every hand-over: 24 vectors in a tall K/G/H tile) than the overlap gives, so
-// there the moments of sub-block q + 1 run whole before the tiles of sub-block q, and the tiles
-// hand over only prefetches of sub-block q + 2 (Prefetcher: no vector register, nothing
-// spilled). 1 thread, same-run A/B (2026-11-26): GPT-2's 144 x 768 x 64 pass 1 12.5-12.9 ->
-// 11.8-11.9 ms; LoRA r = 16, 32 layers (A: 192 x 16 x 4096 and 32 x 16 x 11008) 17.5-19.3 ->
-// 16.1-16.7 ms. Pass 2 the same way was slower (GPT-2 9.2 -> 9.7 ms): its divider work then
-// no longer overlaps the FMAs.
+// divisions and a square root per element) and by memory, the micro-kernels by the FMA units.
+// The work runs in sub-blocks of rows, double-buffered: while the register tiles of sub-block q
+// run, the elementwise part of sub-block q + 1 is done (Producer), and the tiles hand over every
+// few inner steps to prefetches of sub-block q + 2 (Prefetcher: a prefetch needs no vector
+// register, so these hand-overs spill nothing). Pass 2 does the elementwise slices of q + 1 at
+// the ends of q's tiles, where no accumulator is live, so the divider works between the FMAs;
+// pass 1 does them whole before the tiles (there the slices gained nothing). Small sub-blocks
+// (wide: 4096 elements) keep the tiles' data in L1/L2. 1 thread, same-run A/Bs (2026-11-26)
+// against the slices handed over from inside the tiles (which spilled the tile's accumulators,
+// 24 vectors in a tall K/G/H tile, at every hand-over) with prefetches inside the slices: GPT-2's
+// 144 x 768 x 64 pass 1 12.5-12.9 -> 11.8-11.9 ms, pass 2 8.4-9.1 -> 8.3-8.8 ms (0.1-0.6 ms
+// less in each pair); LoRA r = 16, 32 layers (A: 192 x 16 x 4096 and 32 x 16 x 11008) pass 1
+// 17.5-19.3 -> 16.1-16.7 ms, pass 2 11.9-13.6 -> 10.4-12.2 ms (0.7-1.5 ms less in each pair).
+// Pass 2 with its elementwise part whole before the tiles was slower
+// (GPT-2 9.2 -> 9.7 ms), and so was pass 1 with its slices at the tiles' ends.
 // None of this changes any result: the elementwise expressions are the same, and every Gram /
 // pass-2 sum is accumulated in the same fixed order.
 // Gram sums: products accumulated in the working dtype inside a chunk (a fixed order), chunk
@@ -80,13 +82,9 @@ constexpr int64_t kChunkRows = 4096;
 // sub-block, which shorter sub-blocks pay for, but four tensors' sub-blocks in flight stay in L2)
 constexpr int64_t kScratchElems = 8192;
 constexpr int64_t kWideScratchElems = 4096;
-// How often the micro-kernels hand over to the producer of the next sub-block (see Producer): a
-// slice of the elementwise work (pass 1: of the prefetches, see Prefetcher) every this many
-// rows (gram_tall; 16 measured the same as 32 and faster than 64) / inner steps (apply_tall,
-// apply_wide) / vectors of the dot products (gram_wide), so that the out-of-order window holds
-// both kinds of work. Each hand-over spills the tile's accumulators: apply_tall hands over every
-// 16 steps where r >= 16, not 4 (GPT-2's 144 x 768 x 64 pass 2: 9.7 -> 9.1-9.2 ms at 1 thread;
-// 32 measured the same as 16), while apply_wide keeps 4 (LoRA r = 16: fewer was slower).
+// How often the micro-kernels hand over to the prefetches of the sub-block after next (see
+// Prefetcher): every this many rows (gram_tall; 16 measured the same as 32 and faster than 64) /
+// inner steps (apply_tall, apply_wide) / vectors of the dot products (gram_wide).
 constexpr int64_t kTallRowsPerSlice = 16;
 constexpr int64_t kApplyTallStepsPerSlice = 16;
 constexpr int64_t kApplyRowsPerSlice = 4;
@@ -352,8 +350,8 @@ SK_INLINE void gram_wide(const S* __restrict x, int64_t sx, const S* __restrict 
 }
 
 // ----------------------------------------------------------------------- pass-2 micro-kernels
-// Inner steps of apply_tall between hand-overs: 16 where r >= 16 (each spills the tile's
-// accumulators), else 4 (so that a tile of a small r still hands over at all).
+// Inner steps of apply_tall between hand-overs: 16 where r >= 16, else 4 (so that a tile of a
+// small r still hands over at all).
 constexpr int64_t apply_tall_interval(int64_t r) {
   return r >= kApplyTallStepsPerSlice ? kApplyTallStepsPerSlice : kApplyRowsPerSlice;
 }
@@ -395,10 +393,10 @@ inline int64_t apply_tall_units(int64_t nb, int64_t r, int64_t rp, int W) {
   return (nb + 3) / 4 * ((rp / W + 3) / 4) * (r / apply_tall_interval(r));
 }
 
-template <typename S, typename F>
+template <typename S, typename F, typename T>
 SK_INLINE void apply_tall(const S* x, const S* __restrict d, int64_t nb, int64_t r,
                           int64_t rp, const S* __restrict cm, const S* __restrict e,
-                          S* y, F&& between) {
+                          S* y, F&& between, T&& tile_end) {
   constexpr int W = VecOf<S>::W;
   for (int64_t row0 = 0; row0 < nb; row0 += 4) {  // scratch has a multiple of 4 rows
     for (int64_t jt = 0; jt < rp; jt += 4 * W) {
@@ -408,6 +406,7 @@ SK_INLINE void apply_tall(const S* x, const S* __restrict d, int64_t nb, int64_t
         case 2: apply_tall_tile<S, 2>(x, d, row0, jt, r, rp, cm, e, y, between); break;
         default: apply_tall_tile<S, 1>(x, d, row0, jt, r, rp, cm, e, y, between); break;
       }
+      tile_end();
     }
   }
 }
@@ -415,10 +414,10 @@ SK_INLINE void apply_tall(const S* x, const S* __restrict d, int64_t nb, int64_t
 // Wide: A-rows j of y = x_j + sum_i Cm[i, j] x_i + E[i, j] d_i over len (a multiple of 4W)
 // columns; Cm, E are r4 x r4 (zero pad), x, d, y have r4 rows of `stride` columns. Register
 // tiles of 4 rows x 4 vectors; each output element sums over i in order (x term, then d term).
-template <typename S, typename F>
+template <typename S, typename F, typename T>
 SK_INLINE void apply_wide(const S* __restrict x, int64_t sx, const S* __restrict d, int64_t r, int64_t r4,
                           int64_t stride, int64_t len, const S* __restrict cm,
-                          const S* __restrict e, S* __restrict y, F&& between) {
+                          const S* __restrict e, S* __restrict y, F&& between, T&& tile_end) {
   constexpr int W = VecOf<S>::W;
   constexpr int NV = 4;
   for (int64_t j0 = 0; j0 < r4; j0 += 4) {
@@ -446,6 +445,7 @@ SK_INLINE void apply_wide(const S* __restrict x, int64_t sx, const S* __restrict
         for (int c = 0; c < NV; ++c)
           vstore(y + (j0 + b) * stride + k + c * W, vload(xr + c * W) + acc[b][c]);
       }
+      tile_end();
     }
   }
 }
@@ -641,14 +641,10 @@ struct Scratch {
 
 // ----------------------------------------------------------------------- sub-block pipeline
 // Each parallel_for range walks its sub-blocks (rows [b0, b0 + nb) of one item = one factor's
-// chunk) in order. The elementwise part of sub-block q + 1 (moments, D, x into scratch) is done
-// in slices between the register tiles of the micro-kernels of sub-block q (double-buffered
-// scratch), so the divider (two divisions and a square root per element), the FMA units and the
-// memory stream work at the same time instead of one after the other; the inputs of sub-block
-// q + 2 are prefetched as sub-block q + 1 is filled (pass 1: the elementwise part of q + 1
-// whole, then the tiles of q, which prefetch q + 2). The arithmetic of every
-// element and of every Gram sum is the same as without the overlap (same expressions, same
-// order).
+// chunk) in order: the elementwise part of sub-block q + 1 (moments, D, x into scratch) is done
+// while sub-block q is in the register tiles (double-buffered scratch), and sub-block q + 2 is
+// prefetched from inside them (see "Speed" above). The arithmetic of every element and of every
+// Gram sum is the same whatever the overlap (same expressions, same order).
 struct Blk {
   int64_t item = -1, b0 = 0, nb = 0;
   bool valid() const { return item >= 0; }
@@ -759,7 +755,8 @@ SK_INLINE void prefetch_range(const T* p, int64_t len, bool write) {
 }
 
 // Fills one sub-block's scratch run by run in slices (kPass1: moments and D from g, m, v; else D
-// from m, v), prefetching the same slice of the sub-block after it (`ahead`).
+// from m, v), prefetching the same slice of `ahead` (the first sub-block of a range: the next
+// one; the others leave `ahead` empty and run with a Prefetcher).
 template <typename P, typename S, bool kPass1, bool kAms>
 struct Producer {
   static constexpr int64_t kPiece = 64;
@@ -1134,7 +1131,13 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
       }
       coef_factor = fi;
     }
-    Prod pr = make_prod(nxt, buf ^ 1, nn);
+    // the next sub-block's D in slices at the ends of this one's tiles (where no accumulator is
+    // live), the one after it prefetched from inside the tiles
+    Prod pr = make_prod(nxt, buf ^ 1, Blk{});
+    Prefetcher<P, S, false, false> pf;
+    if (nn.valid()) pf.R = make_runs<P, S>(geo, bk.factors[nn.item / geo.nchunks], nn, nullptr, nullptr, 4 * W);
+    auto prefetch = [&](int64_t quota) __attribute__((always_inline)) { return [&pf, quota]() __attribute__((always_inline)) { pf.step(quota); }; };
+    auto direction = [&](int64_t quota) __attribute__((always_inline)) { return [&pr, quota]() __attribute__((always_inline)) { pr.step(quota); }; };
     const S* x = prev.R.x;
     const int64_t sx = prev.R.xstride;
     const S* d = sc.d[buf];
@@ -1143,13 +1146,14 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
     if (!geo.wide) {
       const int64_t rp = geo.rp;
       const int64_t units = std::max<int64_t>(1, apply_tall_units(nb, r, rp, W));
-      const int64_t quota = (pr.total() + units - 1) / units;
+      const int64_t tiles = std::max<int64_t>(1, (nb + 3) / 4 * ((rp / W + 3) / 4));
       // y straight into the parameters when x is read from them and one tile spans a whole row
       // (it reads rows row0..row0+3 in full before it writes them; no other tile reads them)
       bool in_place = false;
       if constexpr (std::is_same_v<P, S>) in_place = prev.R.direct_x && rp <= 4 * W && nb % 4 == 0;
       S* y = in_place ? reinterpret_cast<S*>(pp) + b0 * r : sc.y;
-      apply_tall<S>(x, d, nb, r, rp, sc.cm, sc.e, y, [&]() __attribute__((always_inline)) { pr.step(quota); });
+      apply_tall<S>(x, d, nb, r, rp, sc.cm, sc.e, y, prefetch((pf.total() + units - 1) / units),
+                    direction((pr.total() + tiles - 1) / tiles));
       const bool flat = rp == r && f.ld[kP] == r && f.ld[kM] == r && f.ld[kV] == r;
       if (in_place) {
         // written by apply_tall
@@ -1160,12 +1164,14 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
       }
     } else {
       const int64_t stride = geo.block, len = round_up(nb, 4 * W);
-      const int64_t units = std::max<int64_t>(1, (geo.r4 / 4) * (len / (4 * W)) * (r / kApplyRowsPerSlice));
-      const int64_t quota = (pr.total() + units - 1) / units;
-      apply_wide<S>(x, sx, d, r, geo.r4, stride, len, sc.cm, sc.e, sc.y, [&]() __attribute__((always_inline)) { pr.step(quota); });
+      const int64_t tiles = std::max<int64_t>(1, (geo.r4 / 4) * (len / (4 * W)));
+      const int64_t units = std::max<int64_t>(1, tiles * (r / kApplyRowsPerSlice));
+      apply_wide<S>(x, sx, d, r, geo.r4, stride, len, sc.cm, sc.e, sc.y,
+                    prefetch((pf.total() + units - 1) / units), direction((pr.total() + tiles - 1) / tiles));
       for (int64_t i = 0; i < r; ++i) convert_out<P, S>(sc.y + i * stride, pp + i * f.ld[kP] + b0, nb);
     }
-    pr.step(pr.total());
+    pf.step(pf.total());
+    pr.step(pr.total());  // whatever the slices left
     prev = pr;
     cur = nxt;
     nxt = nn;
