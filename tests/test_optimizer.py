@@ -79,7 +79,8 @@ def test_euclidean_groups_match_torch_adamw_bitwise(gen, kw):
             assert torch.equal(opt_a.state[a][key], opt_b.state[b][key]), key
 
 
-def test_fused_euclidean_counters_in_one_buffer_match_torch_adamw_bitwise(gen):
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_fused_euclidean_counters_in_one_buffer_match_torch_adamw_bitwise(gen, amsgrad):
     """The CPU's fused Euclidean step advances counters that are elements of one buffer with
     one add (or an indexed add when some tensors sit a step out): still bit for bit torch's
     fused AdamW, with float32 and float64 tensors in one group (two dtype groups), a tensor
@@ -89,12 +90,12 @@ def test_fused_euclidean_counters_in_one_buffer_match_torch_adamw_bitwise(gen):
               torch.randn(2, 3, 4, generator=gen), torch.randn(6, generator=gen, dtype=torch.float64)]
     ours = [p.clone().requires_grad_() for p in params]
     theirs = [p.clone().requires_grad_() for p in params]
-    opt_a = StiefelAdamW(ours, lr=3e-3, weight_decay=0.1)
-    opt_b = torch.optim.AdamW(theirs, lr=3e-3, weight_decay=0.1, fused=True)
+    opt_a = StiefelAdamW(ours, lr=3e-3, weight_decay=0.1, amsgrad=amsgrad)
+    opt_b = torch.optim.AdamW(theirs, lr=3e-3, weight_decay=0.1, fused=True, amsgrad=amsgrad)
     for step in range(12):
         if step == 6:
             saved = opt_a.state_dict()
-            opt_a = StiefelAdamW(ours, lr=3e-3, weight_decay=0.1)
+            opt_a = StiefelAdamW(ours, lr=3e-3, weight_decay=0.1, amsgrad=amsgrad)
             opt_a.load_state_dict(saved)
         skip = 2 if step % 3 == 1 else None
         grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
@@ -103,6 +104,9 @@ def test_fused_euclidean_counters_in_one_buffer_match_torch_adamw_bitwise(gen):
             b.grad = None if i == skip else g.clone()
         opt_a.step()
         opt_b.step()
+        if step == 0:  # the counters are the elements of one buffer
+            base = opt_a.state[ours[0]]["step"]._base
+            assert base is not None and all(opt_a.state[p]["step"]._base is base for p in ours)
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
         for key in opt_b.state[b]:
