@@ -62,10 +62,10 @@ int correction_steps(double drift, bool is_double) {
 }
 
 // The next factor's inputs (K, G, H: rows of r elements, rs apart) and outputs (C, E:
-// contiguous) prefetched a few lines at a time, from between the products of this factor's
-// step: pass 1 wrote the Gram matrices long before (GPT-2's 144 x 64 x 64: 7 MB, out of cache by
-// then), and C, E are written where nothing has been for a step. 144 factors of r = 64 from a
-// cold cache, same-run A/B: 6.4-6.75 -> 6.1-6.3 ms.
+// contiguous) prefetched in equal parts after the products of this factor's step (r = 64 in
+// float32: 1280 lines, ~100 per product): pass 1 wrote the Gram matrices long before (GPT-2's
+// 144 x 64 x 64: 7 MB, out of cache by then), and C, E are written where nothing has been for a
+// step. 144 factors of r = 64 from a cold cache, same-run A/B: 6.4-6.75 -> 6.1-6.3 ms.
 template <typename S>
 struct NextFactor {
   static constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(S));  // elements per line
@@ -362,10 +362,11 @@ SK_INLINE void run_range(const Args& a, int64_t begin, int64_t end) {
   S* e = static_cast<S*>(a.e);
   const int64_t rr = a.r * a.r;
   for (int64_t f = begin; f < end; ++f) {
-    // the step takes 10 (one iteration, no correction) to ~20 products
+    // every step takes at least 4 iters + 5 products (the iterations and the correction's
+    // Gram matrix; its Newton-Schulz steps and fold where it fires): all lines asked for by then
     if (f + 1 < end && a.cs == 1)
       w.next.start(k + (f + 1) * a.s0, g + (f + 1) * a.s0, h + (f + 1) * a.s0, a.rs, c + (f + 1) * rr,
-                   e + (f + 1) * rr, a.r, 12);
+                   e + (f + 1) * rr, a.r, 4 * a.iters + 5);
     else
       w.next.quota = 0;
     const S lr = static_cast<S>(a.lr[a.lr_each ? f : 0]);

@@ -25,9 +25,9 @@
 //
 // Speed (issue 13): the elementwise part is bound by the divider (two correctly rounded
 // divisions and a square root per element) and by memory, the micro-kernels by the FMA units.
-// The work runs in sub-blocks of rows, double-buffered: while the register tiles of sub-block q
-// run, the elementwise part of sub-block q + 1 is done (Producer), and the tiles hand over every
-// few inner steps to prefetches of sub-block q + 2 (Prefetcher: a prefetch needs no vector
+// The work runs in sub-blocks of rows, double-buffered: the elementwise part of sub-block q + 1
+// is done next to the register tiles of sub-block q (Producer), and the tiles hand over every few
+// inner steps to prefetches of sub-block q + 2 (Prefetcher: a prefetch needs no vector
 // register, so these hand-overs spill nothing). Pass 2 does the elementwise slices of q + 1 at
 // the ends of q's tiles, where no accumulator is live, so the divider works between the FMAs;
 // pass 1 does them whole before the tiles (there the slices gained nothing). Small sub-blocks
@@ -36,9 +36,10 @@
 // 24 vectors in a tall K/G/H tile, at every hand-over) with prefetches inside the slices: GPT-2's
 // 144 x 768 x 64 pass 1 12.5-12.9 -> 11.8-11.9 ms, pass 2 8.4-9.1 -> 8.3-8.8 ms (0.1-0.6 ms
 // less in each pair); LoRA r = 16, 32 layers (A: 192 x 16 x 4096 and 32 x 16 x 11008) pass 1
-// 17.5-19.3 -> 16.1-16.7 ms, pass 2 11.9-13.6 -> 10.4-12.2 ms (0.7-1.5 ms less in each pair).
-// Pass 2 with its elementwise part whole before the tiles was slower
-// (GPT-2 9.2 -> 9.7 ms), and so was pass 1 with its slices at the tiles' ends.
+// 17.5-19.3 -> 16.1-16.7 ms, pass 2 11.9-13.6 -> 10.4-12.2 ms (1.2-1.5 ms less in each pair).
+// Pass 2 with its elementwise part whole before the tiles was slower (GPT-2 8.9-9.5 -> 9.7-9.9
+// ms); pass 1 with its slices at the tiles' ends was no faster (tall) or slower (wide, from
+// memory). bench/results/cpu-step-targets-2026-11-26d.md has the runs.
 // None of this changes any result: the elementwise expressions are the same, and every Gram /
 // pass-2 sum is accumulated in the same fixed order.
 // Gram sums: products accumulated in the working dtype inside a chunk (a fixed order), chunk
@@ -77,9 +78,10 @@ namespace {
 // rows of X per Gram partial (gram.GRAM_CHUNK_ROWS)
 constexpr int64_t kChunkRows = 4096;
 // elements of one scratch array of a sub-block: tall 32 KiB float32, wide 16 KiB (LoRA r = 16:
-// 256 columns; measured fastest against 2048-16384 elements now that the elementwise work of the
-// next sub-block runs between the tiles: the wide dot-product tiles reduce their lanes once per
-// sub-block, which shorter sub-blocks pay for, but four tensors' sub-blocks in flight stay in L2)
+// 256 columns; measured fastest against 2048-16384 elements, again against 2048, 8192 and 16384
+// with the schedule described under "Speed": the wide dot-product tiles reduce their lanes once
+// per sub-block, which shorter sub-blocks pay for, but four tensors' sub-blocks in flight stay in
+// L2)
 constexpr int64_t kScratchElems = 8192;
 constexpr int64_t kWideScratchElems = 4096;
 // How often the micro-kernels hand over to the prefetches of the sub-block after next (see
@@ -133,22 +135,14 @@ SK_INLINE void reduce16_add(const vec<S>* v, S* out, int64_t ld) {
     for (int k = 0; k < count / 2; ++k) t[k] = pair_add(t[2 * k], t[2 * k + 1]);
     count /= 2;
   }
-  Q q[4];
-  if constexpr (W == 16) {
-    q[0] = __builtin_shufflevector(t[0], t[0], 0, 1, 2, 3);
-    q[1] = __builtin_shufflevector(t[0], t[0], 4, 5, 6, 7);
-    q[2] = __builtin_shufflevector(t[0], t[0], 8, 9, 10, 11);
-    q[3] = __builtin_shufflevector(t[0], t[0], 12, 13, 14, 15);
-  } else {
-    q[0] = __builtin_shufflevector(t[0], t[0], 0, 1, 2, 3);
-    q[1] = __builtin_shufflevector(t[0], t[0], 4, 5, 6, 7);
-    q[2] = __builtin_shufflevector(t[1], t[1], 0, 1, 2, 3);
-    q[3] = __builtin_shufflevector(t[1], t[1], 4, 5, 6, 7);
-  }
+  // lanes 4a .. 4a + 3 (float: of t[0]; double: of t[a / 2], from lane 4 (a % 2)), copied out
+  // (a lane extract the compiler does in registers; no __builtin_shufflevector, which needs GCC 12)
+  const S* lanes = reinterpret_cast<const S*>(t);
   for (int a = 0; a < 4; ++a) {
-    Q o;
+    Q q, o;
+    std::memcpy(&q, W == 16 ? lanes + 4 * a : lanes + (a / 2) * W + 4 * (a % 2), sizeof(Q));
     std::memcpy(&o, out + a * ld, sizeof(Q));
-    o += q[a];
+    o += q;
     std::memcpy(out + a * ld, &o, sizeof(Q));
   }
 }
@@ -282,7 +276,7 @@ SK_INLINE void gram_tall_tile(const S* __restrict x, const S* __restrict d, int6
   }
 }
 
-// Calls of `between` in gram_tall for one sub-block of nb rows (the producer's slices).
+// Calls of `between` in gram_tall for one sub-block of nb rows (the Prefetcher's hand-overs).
 inline int64_t gram_tall_units(int64_t nb, int64_t rp, int W) {
   int64_t tiles = 0;
   for (int64_t it = 0; it < rp; it += 4) {
@@ -642,7 +636,7 @@ struct Scratch {
 // ----------------------------------------------------------------------- sub-block pipeline
 // Each parallel_for range walks its sub-blocks (rows [b0, b0 + nb) of one item = one factor's
 // chunk) in order: the elementwise part of sub-block q + 1 (moments, D, x into scratch) is done
-// while sub-block q is in the register tiles (double-buffered scratch), and sub-block q + 2 is
+// next to sub-block q's register tiles (double-buffered scratch), and sub-block q + 2 is
 // prefetched from inside them (see "Speed" above). The arithmetic of every element and of every
 // Gram sum is the same whatever the overlap (same expressions, same order).
 struct Blk {
@@ -807,9 +801,10 @@ struct Producer {
 };
 
 // Prefetches one sub-block's inputs a line at a time (`step(units)`: `units` lines of each
-// array), from inside the micro-kernels of the sub-block before it: a prefetch needs no vector
-// register, so these hand-overs spill nothing, and the stream of the next sub-block comes in
-// while the FMA units work.
+// array of the working dtype; half a line of a 2-byte parameter or gradient, whose lines are
+// then asked for twice), from inside the micro-kernels of the sub-block two before it: a
+// prefetch needs no vector register, so these hand-overs spill nothing, and the stream of the
+// sub-block after next comes in while the FMA units work.
 template <typename P, typename S, bool kPass1, bool kAms>
 struct Prefetcher {
   static constexpr int64_t kUnit = 64 / static_cast<int64_t>(sizeof(S));  // elements of S per line
@@ -913,7 +908,7 @@ SK_INLINE void pass1_range_impl(const Pass1Ctx<S>& cx, int64_t begin, int64_t en
       gram_wide<S>(x, sx, d, geo.r4, geo.block, len, sc.K, sc.G, sc.H,
                    [&]() __attribute__((always_inline)) { pf.step(quota); });
     }
-    pf.step(pf.total());  // whatever the slices left
+    pf.step(pf.total());  // whatever prefetches the hand-overs left
     prev = pr;
     if (!nxt.valid() || nxt.item != cur.item) {
       write_partials(cx, cur.item, sc);

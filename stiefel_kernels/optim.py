@@ -110,6 +110,8 @@ def _fused_adamw_cpu(params: list[Tensor], grads: list[Tensor], exp_avgs: list[T
         return
     beta1 = beta1.item() if isinstance(beta1, Tensor) else beta1
     beta2 = beta2.item() if isinstance(beta2, Tensor) else beta2
+    if isinstance(lr, Tensor) and lr.device.type != "cpu":  # as torch moves it to the params'
+        lr = lr.to("cpu")
     if len(set(map(_dtype, params))) == 1:  # one (device, dtype) group: no regrouping
         groups = [(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)]
     else:
