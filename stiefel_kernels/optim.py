@@ -630,7 +630,8 @@ class StiefelAdamW(Optimizer):
             # buffer per device (in order): a backend (or _fused_adamw_cpu) then advances them
             # with one add, and a backend reads them without a stack (backends.advance_steps).
             # Each counter is still a 0-dim tensor of its own in the state (a view), saved and
-            # loaded as usual.
+            # loaded as usual (and packed into one buffer again after a load:
+            # _pack_step_counters).
             by_device: dict[torch.device, list[dict[str, Any]]] = {}
             for st in states:
                 by_device.setdefault(st["step"].device, []).append(st)
@@ -823,3 +824,27 @@ class StiefelAdamW(Optimizer):
                     st = self.state.get(p)
                     if st and isinstance(st.get("step"), Tensor) and st["step"].device != p.device:
                         st["step"] = st["step"].to(p.device)
+        self._pack_step_counters()
+
+    def _pack_step_counters(self) -> None:
+        """After a load: the step counters of each Stiefel group and each fused Euclidean group
+        become, per device, the elements of one buffer again, as at a first step (loaded, they
+        are tensors of their own), so that a resumed run still advances them with one add (see
+        :meth:`_states`); the values are kept. Counters of another shape, dtype or device than
+        :meth:`_init_state` makes are left as they are."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if self.state.get(p)]
+            if len(params) < 2 or not (group["stiefel"] or euclidean_fused(group, params)):
+                continue
+            by_device: dict[torch.device, list[dict[str, Any]]] = {}
+            for p in params:
+                st = self.state[p]
+                step = st.get("step")
+                if (type(step) is Tensor and step.dim() == 0 and step.dtype == torch.float32  # not a DTensor
+                        and step.device == p.device):
+                    by_device.setdefault(p.device, []).append(st)
+            for sts in by_device.values():
+                if len(sts) > 1:
+                    buf = torch.stack([st["step"] for st in sts])
+                    for k, st in enumerate(sts):
+                        st["step"] = buf[k]

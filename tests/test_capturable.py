@@ -63,8 +63,9 @@ def test_stiefel_step_counters_follow_the_factor_and_survive_load_state_dict(gen
 
 def test_counters_of_factors_that_start_together_share_one_buffer(gen, monkeypatch):
     """A Stiefel group's first step makes its counters the elements of one buffer, which the
-    backend advances with one add (no foreach, no stack); after a state_dict round trip into
-    separate tensors the step is the same (foreach fallback)."""
+    backend advances with one add (no foreach, no stack); a state_dict round trip packs the
+    loaded counters into one buffer again; counters that are separate tensors (here made so by
+    hand) take the foreach fallback. All three step the same."""
     ps = [torch.nn.Parameter(random_stiefel(3, 20, generator=gen)) for _ in range(4)]
     opt = StiefelAdamW([{"params": ps, "stiefel": True}], lr=1e-2, backend="torch")
     for p in ps:
@@ -73,26 +74,39 @@ def test_counters_of_factors_that_start_together_share_one_buffer(gen, monkeypat
     steps = [opt.state[p]["step"] for p in ps]
     base = steps[0]._base
     assert base is not None and all(s._base is base for s in steps) and base.shape == (4,)
-    twin_ps = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    twin = StiefelAdamW([{"params": twin_ps, "stiefel": True}], lr=1e-2, backend="torch")
-    saved = copy.deepcopy(opt.state_dict())  # load_state_dict shares the tensors it is given
-    saved["state"] = {k: {**v, "step": v["step"].clone()} for k, v in saved["state"].items()}
-    twin.load_state_dict(saved)
-    assert twin.state[twin_ps[0]]["step"]._base is None  # separate counters now
+    twins = []
+    for separate in (False, True):
+        twin_ps = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+        twin = StiefelAdamW([{"params": twin_ps, "stiefel": True}], lr=1e-2, backend="torch")
+        saved = copy.deepcopy(opt.state_dict())  # load_state_dict shares the tensors it is given
+        saved["state"] = {k: {**v, "step": v["step"].clone()} for k, v in saved["state"].items()}
+        twin.load_state_dict(saved)
+        twin_base = twin.state[twin_ps[0]]["step"]._base
+        assert twin_base is not None and twin_base is not base
+        assert all(twin.state[q]["step"]._base is twin_base for q in twin_ps)  # one buffer again
+        if separate:
+            for q in twin_ps:
+                twin.state[q]["step"] = twin.state[q]["step"].clone()
+        twins.append((twin, twin_ps, separate))
     foreach_calls = []
     real = torch._foreach_add_
     monkeypatch.setattr(torch, "_foreach_add_", lambda *a, **k: foreach_calls.append(1) or real(*a, **k))
     for _ in range(2):
-        for p, q in zip(ps, twin_ps):
-            p.grad = torch.randn(p.shape, generator=gen)
-            q.grad = p.grad.clone()
+        grads = [torch.randn(p.shape, generator=gen) for p in ps]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
         opt.step()
         assert len(foreach_calls) == 0
-        twin.step()
-        assert len(foreach_calls) > 0
-        foreach_calls.clear()
-    for p, q in zip(ps, twin_ps):
-        assert torch.equal(p, q)
+        for twin, twin_ps, separate in twins:
+            for q, g in zip(twin_ps, grads):
+                q.grad = g.clone()
+            twin.step()
+            assert (len(foreach_calls) > 0) == separate
+            foreach_calls.clear()
+    for twin, twin_ps, _ in twins:
+        for p, q in zip(ps, twin_ps):
+            assert torch.equal(p, q)
+        assert [float(twin.state[q]["step"]) for q in twin_ps] == [3.0] * 4
     assert [float(s) for s in steps] == [3.0] * 4 and float(base.sum()) == 12.0
 
 

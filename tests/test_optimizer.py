@@ -85,8 +85,8 @@ def test_fused_euclidean_counters_in_one_buffer_match_torch_adamw_bitwise(gen, a
     """The CPU's fused Euclidean step advances counters that are elements of one buffer with
     one add (or an indexed add when some tensors sit a step out): still bit for bit torch's
     fused AdamW, with float32 and float64 tensors in one group (two dtype groups), a tensor
-    without a gradient at some steps, a tensor learning rate, and across a checkpoint (counters
-    that are no longer views of one buffer)."""
+    without a gradient at some steps, a tensor learning rate, and across a checkpoint (after
+    which the loaded counters are made the elements of one buffer again)."""
     params = [torch.randn(7, 5, generator=gen), torch.randn(13, generator=gen, dtype=torch.float64),
               torch.randn(2, 3, 4, generator=gen), torch.randn(6, generator=gen, dtype=torch.float64)]
     ours = [p.clone().requires_grad_() for p in params]
@@ -100,7 +100,8 @@ def test_fused_euclidean_counters_in_one_buffer_match_torch_adamw_bitwise(gen, a
             blob.seek(0)
             opt_a = StiefelAdamW(ours, lr=torch.tensor(3e-3), weight_decay=0.1, amsgrad=amsgrad)
             opt_a.load_state_dict(torch.load(blob))
-            assert opt_a.state[ours[0]]["step"]._base is None
+            base = opt_a.state[ours[0]]["step"]._base
+            assert base is not None and all(opt_a.state[p]["step"]._base is base for p in ours)
         skip = 2 if step % 3 == 1 else None
         grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
         for i, (a, b, g) in enumerate(zip(ours, theirs, grads)):
