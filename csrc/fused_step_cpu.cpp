@@ -738,23 +738,12 @@ SK_INLINE Runs<P, S> make_runs(const Geometry& geo, const Factor& f, const Blk& 
   return R;
 }
 
-template <typename T>
-SK_INLINE void prefetch_range(const T* p, int64_t len, bool write) {
-  const char* c = reinterpret_cast<const char*>(p);
-  const int64_t bytes = len * static_cast<int64_t>(sizeof(T));
-  for (int64_t o = 0; o < bytes; o += 64) {
-    if (write) __builtin_prefetch(c + o, 1, 3);
-    else __builtin_prefetch(c + o, 0, 3);
-  }
-}
-
 // Fills one sub-block's scratch run by run in slices (kPass1: moments and D from g, m, v; else D
-// from m, v), prefetching the same slice of `ahead` (the first sub-block of a range: the next
-// one; the others leave `ahead` empty and run with a Prefetcher).
+// from m, v).
 template <typename P, typename S, bool kPass1, bool kAms>
 struct Producer {
   static constexpr int64_t kPiece = 64;
-  Runs<P, S> R, ahead;
+  Runs<P, S> R;
   const Hyper<S>* h = nullptr;
   S eps = 0, bc1 = 1, bc2 = 1;
   int64_t run = 0, pos = 0;
@@ -776,16 +765,6 @@ struct Producer {
         direction<S>(R.m + om, R.v + ov, dd, len, eps, bc1, bc2);
       }
       if (!R.direct_x) convert_in<P, S>(R.p + op, dx, len);
-      if (run < ahead.nrun && pos < ahead.runlen) {
-        const int64_t la = std::min(len, ahead.runlen - pos);
-        prefetch_range(ahead.m + run * ahead.ldm + pos, la, kPass1);
-        prefetch_range(ahead.v + run * ahead.ldv + pos, la, kPass1);
-        prefetch_range(ahead.p + run * ahead.ldp + pos, la, !kPass1);
-        if constexpr (kPass1) {
-          prefetch_range(ahead.g + run * ahead.ldg + pos, la, false);
-          if constexpr (kAms) prefetch_range(ahead.vmax + run * ahead.ldx + pos, la, true);
-        }
-      }
       pos += len;
       budget -= len;
       if (pos == R.runlen) {
@@ -865,34 +844,37 @@ SK_INLINE void pass1_range_impl(const Pass1Ctx<S>& cx, int64_t begin, int64_t en
   constexpr int W = VecOf<S>::W;
   const int64_t ra = geo.ra;
   using Prod = Producer<P, S, true, kAms>;
-  auto make_prod = [&](const Blk& b, int buf, const Blk& ahead) {
+  auto make_prod = [&](const Blk& b, int buf) {
     Prod pr;
     if (!b.valid()) return pr;
     const Factor& f = bk.factors[b.item / geo.nchunks];
     pr.R = make_runs<P, S>(geo, f, b, sc.d[buf], sc.x[buf], W);
-    if (ahead.valid())
-      pr.ahead = make_runs<P, S>(geo, bk.factors[ahead.item / geo.nchunks], ahead, nullptr, nullptr, W);
     pr.h = &cx.hyp;
     pr.bc1 = static_cast<S>(cx.bc[f.bc_index]);
     pr.bc2 = static_cast<S>(cx.bc[bk.lists + f.bc_index]);
     return pr;
+  };
+  auto make_pf = [&](const Blk& b) {
+    Prefetcher<P, S, true, kAms> pf;
+    if (b.valid()) pf.R = make_runs<P, S>(geo, bk.factors[b.item / geo.nchunks], b, nullptr, nullptr, W);
+    return pf;
   };
   Blk cur = first_blk(geo, begin, end);
   if (!cur.valid()) return;
   Blk nxt = next_blk(geo, cur, end);
   Blk nn = next_blk(geo, nxt, end);
   int buf = 0;
-  Prod prev = make_prod(cur, 0, nxt);
+  make_pf(nxt).step(INT64_MAX);  // the range's first sub-block has no tiles before it
+  Prod prev = make_prod(cur, 0);
   prev.step(prev.total());
   std::fill(sc.K, sc.K + ra * ra, S(0));
   std::fill(sc.G, sc.G + ra * ra, S(0));
   std::fill(sc.H, sc.H + ra * ra, S(0));
   while (cur.valid()) {
     // the next sub-block's moments first, then the tiles, which prefetch the one after it
-    Prod pr = make_prod(nxt, buf ^ 1, Blk{});
+    Prod pr = make_prod(nxt, buf ^ 1);
     pr.step(pr.total());
-    Prefetcher<P, S, true, kAms> pf;
-    if (nn.valid()) pf.R = make_runs<P, S>(geo, bk.factors[nn.item / geo.nchunks], nn, nullptr, nullptr, W);
+    auto pf = make_pf(nn);
     const S* x = prev.R.x;
     const int64_t sx = prev.R.xstride;
     const S* d = sc.d[buf];
@@ -1089,24 +1071,28 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
   if (geo.wide) geo.block = std::max<int64_t>(4 * W, geo.block / 2 / (4 * W) * (4 * W));
   const int64_t r = geo.r, ra = geo.ra;
   using Prod = Producer<P, S, false, false>;
-  auto make_prod = [&](const Blk& b, int buf, const Blk& ahead) {
+  auto make_prod = [&](const Blk& b, int buf) {
     Prod pr;
     if (!b.valid()) return pr;
     const Factor& f = bk.factors[b.item / geo.nchunks];
     pr.R = make_runs<P, S>(geo, f, b, sc.d[buf], sc.x[buf], 4 * W);
-    if (ahead.valid())
-      pr.ahead = make_runs<P, S>(geo, bk.factors[ahead.item / geo.nchunks], ahead, nullptr, nullptr, 4 * W);
     pr.eps = cx.eps;
     pr.bc1 = static_cast<S>(cx.bc[f.bc_index]);
     pr.bc2 = static_cast<S>(cx.bc[bk.lists + f.bc_index]);
     return pr;
+  };
+  auto make_pf = [&](const Blk& b) {
+    Prefetcher<P, S, false, false> pf;
+    if (b.valid()) pf.R = make_runs<P, S>(geo, bk.factors[b.item / geo.nchunks], b, nullptr, nullptr, 4 * W);
+    return pf;
   };
   Blk cur = first_blk(geo, begin, end);
   if (!cur.valid()) return;
   Blk nxt = next_blk(geo, cur, end);
   Blk nn = next_blk(geo, nxt, end);
   int buf = 0;
-  Prod prev = make_prod(cur, 0, nxt);
+  make_pf(nxt).step(INT64_MAX);  // the range's first sub-block has no tiles before it
+  Prod prev = make_prod(cur, 0);
   prev.step(prev.total());
   int64_t coef_factor = -1;
   while (cur.valid()) {
@@ -1128,11 +1114,8 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
     }
     // the next sub-block's D in slices at the ends of this one's tiles (where no accumulator is
     // live), the one after it prefetched from inside the tiles
-    Prod pr = make_prod(nxt, buf ^ 1, Blk{});
-    Prefetcher<P, S, false, false> pf;
-    if (nn.valid()) pf.R = make_runs<P, S>(geo, bk.factors[nn.item / geo.nchunks], nn, nullptr, nullptr, 4 * W);
-    auto prefetch = [&](int64_t quota) __attribute__((always_inline)) { return [&pf, quota]() __attribute__((always_inline)) { pf.step(quota); }; };
-    auto direction = [&](int64_t quota) __attribute__((always_inline)) { return [&pr, quota]() __attribute__((always_inline)) { pr.step(quota); }; };
+    Prod pr = make_prod(nxt, buf ^ 1);
+    auto pf = make_pf(nn);
     const S* x = prev.R.x;
     const int64_t sx = prev.R.xstride;
     const S* d = sc.d[buf];
@@ -1147,8 +1130,9 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
       bool in_place = false;
       if constexpr (std::is_same_v<P, S>) in_place = prev.R.direct_x && rp <= 4 * W && nb % 4 == 0;
       S* y = in_place ? reinterpret_cast<S*>(pp) + b0 * r : sc.y;
-      apply_tall<S>(x, d, nb, r, rp, sc.cm, sc.e, y, prefetch((pf.total() + units - 1) / units),
-                    direction((pr.total() + tiles - 1) / tiles));
+      const int64_t pquota = (pf.total() + units - 1) / units, dquota = (pr.total() + tiles - 1) / tiles;
+      apply_tall<S>(x, d, nb, r, rp, sc.cm, sc.e, y, [&]() __attribute__((always_inline)) { pf.step(pquota); },
+                    [&]() __attribute__((always_inline)) { pr.step(dquota); });
       const bool flat = rp == r && f.ld[kP] == r && f.ld[kM] == r && f.ld[kV] == r;
       if (in_place) {
         // written by apply_tall
@@ -1161,8 +1145,10 @@ SK_INLINE void pass2_range_impl(const Pass2Ctx<S>& cx, int64_t begin, int64_t en
       const int64_t stride = geo.block, len = round_up(nb, 4 * W);
       const int64_t tiles = std::max<int64_t>(1, (geo.r4 / 4) * (len / (4 * W)));
       const int64_t units = std::max<int64_t>(1, tiles * (r / kApplyRowsPerSlice));
+      const int64_t pquota = (pf.total() + units - 1) / units, dquota = (pr.total() + tiles - 1) / tiles;
       apply_wide<S>(x, sx, d, r, geo.r4, stride, len, sc.cm, sc.e, sc.y,
-                    prefetch((pf.total() + units - 1) / units), direction((pr.total() + tiles - 1) / tiles));
+                    [&]() __attribute__((always_inline)) { pf.step(pquota); },
+                    [&]() __attribute__((always_inline)) { pr.step(dquota); });
       for (int64_t i = 0; i < r; ++i) convert_out<P, S>(sc.y + i * stride, pp + i * f.ld[kP] + b0, nb);
     }
     pf.step(pf.total());
