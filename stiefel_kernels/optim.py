@@ -125,6 +125,24 @@ def _fused_adamw_cpu(params: list[Tensor], grads: list[Tensor], exp_avgs: list[T
                             found_inf=None)
 
 
+def _share_step_buffer(pairs: Iterable[tuple[Tensor, dict[str, Any]]]) -> None:
+    """The step counters of these ``(parameter, state)`` pairs become, per device and in order,
+    the elements of one buffer, their values kept (each still a 0-dim tensor of its own in the
+    state: a view). Only plain float32 0-dim counters on their parameter's device, as
+    ``StiefelAdamW._init_state`` makes them (not DTensors); others are left as they are."""
+    by_device: dict[torch.device, list[dict[str, Any]]] = {}
+    for p, st in pairs:
+        step = st.get("step")
+        if (type(step) is Tensor and step.dim() == 0 and step.dtype == torch.float32
+                and step.device == p.device):
+            by_device.setdefault(p.device, []).append(st)
+    for sts in by_device.values():
+        if len(sts) > 1:
+            buf = torch.stack([st["step"] for st in sts])
+            for k, st in enumerate(sts):
+                st["step"] = buf[k]
+
+
 def _is_dtensor_type(kind: type) -> bool:
     return kind.__name__ == "DTensor"
 
@@ -630,15 +648,8 @@ class StiefelAdamW(Optimizer):
             # buffer per device (in order): a backend (or _fused_adamw_cpu) then advances them
             # with one add, and a backend reads them without a stack (backends.advance_steps).
             # Each counter is still a 0-dim tensor of its own in the state (a view), saved and
-            # loaded as usual (and packed into one buffer again after a load:
-            # _pack_step_counters).
-            by_device: dict[torch.device, list[dict[str, Any]]] = {}
-            for st in states:
-                by_device.setdefault(st["step"].device, []).append(st)
-            for device, sts in by_device.items():
-                buf = torch.zeros(len(sts), dtype=torch.float32, device=device)
-                for i, st in enumerate(sts):
-                    st["step"] = buf[i]
+            # loaded as usual (and shared again after a load: _pack_step_counters).
+            _share_step_buffer(zip(prep.params, states))
         return states
 
     def _step_euclidean(self, group: dict[str, Any], prep: _Prepared) -> None:
@@ -834,17 +845,5 @@ class StiefelAdamW(Optimizer):
         :meth:`_init_state` makes are left as they are."""
         for group in self.param_groups:
             params = [p for p in group["params"] if self.state.get(p)]
-            if len(params) < 2 or not (group["stiefel"] or euclidean_fused(group, params)):
-                continue
-            by_device: dict[torch.device, list[dict[str, Any]]] = {}
-            for p in params:
-                st = self.state[p]
-                step = st.get("step")
-                if (type(step) is Tensor and step.dim() == 0 and step.dtype == torch.float32  # not a DTensor
-                        and step.device == p.device):
-                    by_device.setdefault(p.device, []).append(st)
-            for sts in by_device.values():
-                if len(sts) > 1:
-                    buf = torch.stack([st["step"] for st in sts])
-                    for k, st in enumerate(sts):
-                        st["step"] = buf[k]
+            if len(params) > 1 and (group["stiefel"] or euclidean_fused(group, params)):
+                _share_step_buffer((p, self.state[p]) for p in params)
